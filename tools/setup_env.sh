@@ -52,5 +52,5 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $reqs -c requirements/constraints.txt
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-"$VENV/bin/python" -c 'import selftrain_d2, detectron2, torch; print("setup: torch", torch.__version__, "| detectron2", detectron2.__version__, "| selftrain_d2 OK")'
+"$VENV/bin/python" -c 'import detectron2, torch; print("setup: torch", torch.__version__, "| detectron2", detectron2.__version__)'
 echo "$want" > "$VENV/.setup-stamp"

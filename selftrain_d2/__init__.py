@@ -1,0 +1,10 @@
+"""selftrain-d2: label-efficient segmentation on Detectron2.
+
+Importing the package registers every component (backbones, meta-architectures, mappers, datasets,
+evaluators) with Detectron2's registries.
+"""
+from . import data, evaluation, modeling  # noqa: F401  (registration on import)
+from .config import add_selftrain_config
+
+__all__ = ["add_selftrain_config"]
+__version__ = "0.1.0"

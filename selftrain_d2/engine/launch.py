@@ -1,0 +1,37 @@
+"""Shared command-line plumbing: argument parser, config set-up and (CPU or GPU) multi-process launch."""
+import logging
+
+import torch
+from detectron2.engine import default_argument_parser, default_setup, launch
+
+from ..config import load_config
+from ..data.datasets import register_from_cfg
+
+__all__ = ["default_argument_parser", "setup", "launch_from_args"]
+
+
+def setup(args):
+    """Merge the config, register config-defined datasets, and do Detectron2's default set-up.
+
+    Called in every process, so registrations made from the config exist in each DDP worker.
+    """
+    cfg = load_config(args.config_file, args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger(__name__).warning("No GPU available: MODEL.DEVICE %s -> cpu", cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    register_from_cfg(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def launch_from_args(main, args):
+    """Detectron2's ``launch``; without GPUs, ``--num-gpus N`` starts N CPU processes over gloo."""
+    return launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

@@ -1,0 +1,92 @@
+"""The Trainer every selftrain-d2 command builds on: Detectron2's DefaultTrainer, with
+
+- the registered mappers and the seeded, resumable training stream (selftrain_d2.data.build),
+- DDP that also works for CPU processes (gloo),
+- the one shared ``build_evaluator``,
+- DeepLab's poly learning-rate schedule when asked for by name,
+- per-step seeding, so ``--resume`` repeats the uninterrupted run exactly.
+"""
+import logging
+import os
+import weakref
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..data.build import SeededTrainStream, build_test_loader, build_train_loader
+from ..evaluation import build_evaluator
+from ..utils.io import atomic_write_json
+from .ddp import wrap_ddp
+from .hooks import StepSeeder
+
+__all__ = ["Trainer", "write_results"]
+
+
+def write_results(output_dir, results, name="final_metrics.json"):
+    """Save evaluator results (nested dict of floats) as JSON, from the main process only."""
+    if comm.is_main_process() and output_dir and results:
+        atomic_write_json(os.path.join(output_dir, name), results, indent=2, sort_keys=True)
+
+
+class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__ with one change: DDP built by wrap_ddp (CPU-capable).
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        self.run_seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg, seed=self.run_seed)
+        model = wrap_ddp(model, broadcast_buffers=False)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        if self.cfg.SELFTRAIN.DETERMINISTIC_STEPS:
+            hooks.insert(0, StepSeeder(self.run_seed))
+        return hooks
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        # The checkpoint may carry the run seed (StepSeeder state): the data stream follows it.
+        seeder = next((h for h in self._hooks if isinstance(h, StepSeeder)), None)
+        if seeder is not None:
+            self.run_seed = seeder.seed
+        stream = self.data_loader.dataset
+        if isinstance(stream, SeededTrainStream):
+            stream.set_start_iter(self.start_iter, seed=self.run_seed)
+
+    def train(self):
+        super().train()
+        results = getattr(self, "_last_eval_results", None)
+        write_results(self.cfg.OUTPUT_DIR, results)
+        return results
+
+    @classmethod
+    def build_train_loader(cls, cfg, seed=None):
+        return build_train_loader(cfg, seed=seed)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_deeplab_lr_scheduler(cfg, optimizer)

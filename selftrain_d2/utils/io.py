@@ -1,0 +1,39 @@
+"""File helpers shared by every writer in the package: nothing is ever half-written."""
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text"]
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open a temporary file beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    A kill or an exception leaves either the old file or no file, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text):
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path, obj, **kwargs):
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, **kwargs)

@@ -1,0 +1,68 @@
+import glob
+import os
+
+import pytest
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
+
+import selftrain_d2  # noqa: F401  (registers everything)
+from selftrain_d2.config import get_selftrain_cfg, load_config
+from selftrain_d2.data import MAPPER_REGISTRY
+from selftrain_d2.evaluation import EVALUATOR_BUILDERS
+
+from .conftest import DEMO_CONFIG, ROOT
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+
+
+def test_configs_exist():
+    assert len(CONFIGS) >= 5
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_config_merges_and_names_registered_components(path):
+    cfg = load_config(path)
+    assert cfg.MODEL.META_ARCHITECTURE in META_ARCH_REGISTRY
+    assert cfg.MODEL.BACKBONE.NAME in BACKBONE_REGISTRY
+    if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
+        assert cfg.MODEL.SEM_SEG_HEAD.NAME in SEM_SEG_HEADS_REGISTRY
+    assert cfg.INPUT.DATASET_MAPPER_NAME in MAPPER_REGISTRY
+
+
+def test_add_selftrain_config_is_idempotent():
+    cfg = get_selftrain_cfg()
+    before = cfg.dump()
+    selftrain_d2.add_selftrain_config(cfg)
+    assert cfg.dump() == before
+
+
+def test_importing_registers_components():
+    assert "build_efficientnet_lite_backbone" in BACKBONE_REGISTRY
+    assert "semantic" in MAPPER_REGISTRY
+    assert {"sem_seg", "coco", "cityscapes_sem_seg", "cityscapes_instance"} <= set(EVALUATOR_BUILDERS)
+
+
+def test_misspelt_key_in_file_names_file_and_suggests(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f'_BASE_: "{DEMO_CONFIG}"\nSOLVER:\n  BASE_RL: 0.1\n')
+    with pytest.raises(KeyError) as e:
+        load_config(str(bad))
+    msg = str(e.value)
+    assert str(bad) in msg and "SOLVER.BASE_RL" in msg and "SOLVER.BASE_LR" in msg
+
+
+def test_misspelt_command_line_key_is_named():
+    with pytest.raises(KeyError) as e:
+        load_config(DEMO_CONFIG, ["MODEL.SEM_SEG_HEAD.NUM_CLASSE", "3"])
+    msg = str(e.value)
+    assert "command-line" in msg and "MODEL.SEM_SEG_HEAD.NUM_CLASSE" in msg and "NUM_CLASSES" in msg
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ValueError) as e:
+        load_config(DEMO_CONFIG, ["SOLVER.MAX_ITER", "'many'"])
+    assert "SOLVER.MAX_ITER" in str(e.value)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))

@@ -1,0 +1,31 @@
+#!/usr/bin/env python
+"""Train or evaluate any selftrain-d2 / Detectron2 model from a YAML config.
+
+    python tools/train_net.py --config-file configs/demo/deeplabv3plus-effnetlite0.yaml
+    python tools/train_net.py --config-file CFG --num-gpus 2            # 2 GPUs, or 2 CPU processes
+    python tools/train_net.py --config-file CFG --resume                  # continue from last_checkpoint
+    python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
+"""
+from detectron2.checkpoint import DetectionCheckpointer
+
+from selftrain_d2.engine import Trainer, default_argument_parser, launch_from_args, setup, write_results
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        # No training loader is built on this path.
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        results = Trainer.test(cfg, model)
+        write_results(cfg.OUTPUT_DIR, results, name="eval_metrics.json")
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch_from_args(main, args)
