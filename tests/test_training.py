@@ -57,7 +57,7 @@ def test_resume_after_kill_repeats_the_uninterrupted_run(fast_cfg, tmp_path):
     uninterrupted.resume_or_load(resume=False)
     uninterrupted.train()
     reference = _state(uninterrupted)
-    assert reference["iter"] == 5
+    assert reference["iter"] == 6  # Detectron2 leaves iter at max_iter after training
 
     cfg = fast_cfg(*opts, "OUTPUT_DIR", str(tmp_path / "b"))
     killed = Trainer(cfg)

@@ -128,6 +128,9 @@ def build_train_loader(cfg, mapper=None, dataset_names=None, seed=None):
     return torchdata.DataLoader(
         stream, batch_size=None, num_workers=cfg.DATALOADER.NUM_WORKERS,
         collate_fn=None, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        # Its own generator: creating an iterator must not draw from torch's global RNG, which
+        # StepSeeder has just seeded for the step in which a resumed run creates it.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -14,6 +14,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from ..data.build import SeededTrainStream, build_test_loader, build_train_loader
@@ -39,6 +40,7 @@ class Trainer(DefaultTrainer):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         self.run_seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+        seed_all_rng(self.run_seed)  # the same config builds the same initial weights
 
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
