@@ -34,3 +34,25 @@ def fast_cfg(tmp_path):
         return cfg
 
     return make
+
+
+@pytest.fixture
+def new_name():
+    """Unique dataset names, removed (with their "_unlabeled" twins) from the catalogs afterwards."""
+    import uuid
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    made = []
+
+    def make(prefix="ds"):
+        name = f"test_{prefix}_{uuid.uuid4().hex[:8]}"
+        made.extend([name, name + "_unlabeled"])
+        return name
+
+    yield make
+    for name in made:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+        if name in MetadataCatalog.list():
+            MetadataCatalog.remove(name)

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import subprocess
-import uuid
 
 import numpy as np
 import pytest
@@ -20,24 +19,6 @@ from selftrain_d2.data.datasets.register import register_from_cfg
 from selftrain_d2.data.datasets.splits import write_split_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def new_name():
-    """Unique dataset names, removed (with their "_unlabeled" twins) from the catalogs afterwards."""
-    made = []
-
-    def make(prefix="ds"):
-        name = f"test_{prefix}_{uuid.uuid4().hex[:8]}"
-        made.extend([name, name + "_unlabeled"])
-        return name
-
-    yield make
-    for name in made:
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        if name in MetadataCatalog.list():
-            MetadataCatalog.remove(name)
 
 
 def _png(path, shape=(8, 16, 3), value=0):

@@ -5,7 +5,6 @@ import os
 import random
 import subprocess
 import sys
-import uuid
 
 import numpy as np
 import pytest
@@ -27,24 +26,6 @@ from selftrain_d2.data.datasets.splits import (
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDS = [f"img{i:04d}" for i in range(1000)]
-
-
-@pytest.fixture
-def new_name():
-    """Unique dataset names, removed (with their "_unlabeled" twins) from the catalogs afterwards."""
-    made = []
-
-    def make(prefix="split"):
-        name = f"test_{prefix}_{uuid.uuid4().hex[:8]}"
-        made.extend([name, name + "_unlabeled"])
-        return name
-
-    yield make
-    for name in made:
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        if name in MetadataCatalog.list():
-            MetadataCatalog.remove(name)
 
 
 # ---- pure functions ----------------------------------------------------------------------------------
