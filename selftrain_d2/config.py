@@ -43,12 +43,96 @@ def add_selftrain_config(cfg):
     # "BN" trains batch norm, "FrozenBN" keeps the pretrained statistics.
     cfg.MODEL.EFFICIENTNET_LITE.NORM = "BN"
 
+    _add_mask_former_keys(cfg)
+    _add_transformer_backbone_keys(cfg)
+
     # Method-level settings live under SELFTRAIN; later stages (pseudo labels, students) add theirs here.
     cfg.SELFTRAIN = CN()
     # Seed every training step's randomness from (SEED, iteration, rank), so a resumed run repeats
     # the uninterrupted one exactly. Needs SEED >= 0 to be reproducible across runs.
     cfg.SELFTRAIN.DETERMINISTIC_STEPS = True
     return cfg
+
+
+def _add_mask_former_keys(cfg):
+    """The keys (names and defaults) of the reference Mask2Former configs, so its YAML files merge."""
+    cfg.INPUT.COLOR_AUG_SSD = False  # photometric distortion (SSD-style) in the Mask2Former mappers
+    cfg.INPUT.SIZE_DIVISIBILITY = -1  # pad images and labels in the mapper to this multiple (-1: no)
+    cfg.INPUT.IMAGE_SIZE = 1024  # large-scale-jitter (LSJ) output size, instance mapper
+    cfg.INPUT.MIN_SCALE = 0.1  # LSJ scale range
+    cfg.INPUT.MAX_SCALE = 2.0
+
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # weight decay of query / level embeddings
+    cfg.SOLVER.OPTIMIZER = "ADAMW"  # "SGD" or "ADAMW" for Mask2Former-style models
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # backbone learning rate = BASE_LR x this
+
+    mf = cfg.MODEL.MASK_FORMER = CN()
+    mf.DEEP_SUPERVISION = True  # losses on every decoder layer's predictions
+    mf.NO_OBJECT_WEIGHT = 0.1  # CE weight of the no-object class
+    mf.CLASS_WEIGHT = 1.0  # loss (and matching cost) weights
+    mf.DICE_WEIGHT = 1.0
+    mf.MASK_WEIGHT = 20.0
+    mf.NHEADS = 8  # transformer decoder
+    mf.DROPOUT = 0.1
+    mf.DIM_FEEDFORWARD = 2048
+    mf.ENC_LAYERS = 0
+    mf.DEC_LAYERS = 6  # counts the learnable-query "layer 0": the decoder has DEC_LAYERS - 1 layers
+    mf.PRE_NORM = False
+    mf.HIDDEN_DIM = 256
+    mf.NUM_OBJECT_QUERIES = 100
+    mf.TRANSFORMER_IN_FEATURE = "res5"
+    mf.ENFORCE_INPUT_PROJ = False
+    mf.TRANSFORMER_DECODER_NAME = "MultiScaleMaskedTransformerDecoder"
+    mf.SIZE_DIVISIBILITY = 32  # pad batched images to this multiple (backbones may say 0)
+    mf.TRAIN_NUM_POINTS = 112 * 112  # points sampled per mask for matching and mask losses
+    mf.OVERSAMPLE_RATIO = 3.0  # PointRend importance sampling: candidates per point (k)
+    mf.IMPORTANCE_SAMPLE_RATIO = 0.75  # share of points taken where the mask is most uncertain (beta)
+    mf.TEST = CN()
+    mf.TEST.SEMANTIC_ON = True
+    mf.TEST.INSTANCE_ON = False
+    mf.TEST.PANOPTIC_ON = False
+    mf.TEST.OBJECT_MASK_THRESHOLD = 0.0
+    mf.TEST.OVERLAP_THRESHOLD = 0.0
+    mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+    # Instances kept per image at test time (the reference keeps as many as there are queries).
+    mf.TEST.DETECTIONS_PER_IMAGE = 100
+
+    cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256  # channels of the per-pixel mask embedding
+    cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 0  # deformable encoder layers in the pixel decoder
+    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "BasePixelDecoder"
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+
+
+def _add_transformer_backbone_keys(cfg):
+    """Swin (the reference's D2SwinTransformer keys) and a DINOv2-style ViT with a simple feature pyramid."""
+    sw = cfg.MODEL.SWIN = CN()
+    sw.PRETRAIN_IMG_SIZE = 224
+    sw.PATCH_SIZE = 4
+    sw.EMBED_DIM = 96
+    sw.DEPTHS = [2, 2, 6, 2]
+    sw.NUM_HEADS = [3, 6, 12, 24]
+    sw.WINDOW_SIZE = 7
+    sw.MLP_RATIO = 4.0
+    sw.QKV_BIAS = True
+    sw.QK_SCALE = None
+    sw.DROP_RATE = 0.0
+    sw.ATTN_DROP_RATE = 0.0
+    sw.DROP_PATH_RATE = 0.3
+    sw.APE = False
+    sw.PATCH_NORM = True
+    sw.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    sw.USE_CHECKPOINT = False
+
+    vit = cfg.MODEL.VIT = CN()
+    vit.NAME = "vit_base_patch14_dinov2"  # a timm architecture
+    vit.WEIGHTS = ""  # local file with the ViT's weights (timm or DINOv2 key names); "" = random init
+    vit.IMG_SIZE = 518  # size the position embedding was trained at (interpolated to the input)
+    vit.DROP_PATH_RATE = 0.1
+    vit.OUT_CHANNELS = 256  # channels of every level of the simple feature pyramid
+    vit.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # strides 4, 8, 16, 32 built from the last block
+    vit.FREEZE = False  # keep the ViT's weights fixed (the pyramid still trains)
 
 
 def _closest_keys(cfg, full_key, n=3):
