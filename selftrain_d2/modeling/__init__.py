@@ -1,1 +1,3 @@
-from . import backbone  # noqa: F401  (registration on import)
+"""Models: backbones, Mask2Former-style pixel decoder / transformer decoder / head, matcher and
+criterion, meta-architectures. Importing registers them with Detectron2's registries."""
+from . import backbone, heads, meta_arch, pixel_decoder, transformer_decoder  # noqa: F401
