@@ -1,0 +1,130 @@
+"""Multi-scale deformable attention (Deformable DETR), in pure PyTorch.
+
+``ms_deform_attn`` is the sampling kernel, a pure function of tensors: a faster implementation can
+replace it and be checked against the same tests. ``MSDeformAttn`` is the module around it, with the
+reference's parameter names and initialisation, so reference checkpoints load unchanged.
+"""
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MSDeformAttn", "ms_deform_attn", "deform_sampling_locations"]
+
+
+def _int_pairs(spatial_shapes):
+    if torch.is_tensor(spatial_shapes):
+        spatial_shapes = spatial_shapes.tolist()
+    return [(int(h), int(w)) for h, w in spatial_shapes]
+
+
+def _ints(index):
+    return [int(i) for i in (index.tolist() if torch.is_tensor(index) else index)]
+
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Attention-weighted sum of values sampled bilinearly at free locations on several feature maps.
+
+    value:               [N, S, M, D]  M heads of D channels at the S = sum(H_l * W_l) pixels of all
+                                       levels, each level flattened row-major, level l from
+                                       level_start_index[l].
+    spatial_shapes:      [L, 2]        (H_l, W_l) per level (tensor or pairs of ints).
+    level_start_index:   [L]
+    sampling_locations:  [N, Lq, M, L, P, 2]  (x, y) in map-relative units: 0 and 1 are the outer
+                                       edges of the first and last pixels (grid_sample with
+                                       align_corners=False); outside the map values are zero.
+    attention_weights:   [N, Lq, M, L, P]
+    Returns [N, Lq, M * D].
+    """
+    n, _, m, d = value.shape
+    _, lq, _, num_levels, p, _ = sampling_locations.shape
+    shapes, starts = _int_pairs(spatial_shapes), _ints(level_start_index)
+    if len(shapes) != num_levels:
+        raise ValueError(f"ms_deform_attn: {len(shapes)} spatial shapes for {num_levels} sampled levels")
+    # Heads go into the batch dimension: [N * M, Lq, L, P, 2] grids in grid_sample's [-1, 1].
+    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)
+    weights = attention_weights.transpose(1, 2).flatten(0, 1)  # [N * M, Lq, L, P]
+    out = None
+    for lvl, ((h, w), start) in enumerate(zip(shapes, starts)):
+        v = value[:, start:start + h * w].permute(0, 2, 3, 1).reshape(n * m, d, h, w)
+        sampled = F.grid_sample(v, grids[:, :, lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
+        term = torch.einsum("bdqp,bqp->bdq", sampled, weights[:, :, lvl])  # [N * M, D, Lq]
+        out = term if out is None else out + term
+    return out.reshape(n, m * d, lq).transpose(1, 2).contiguous()
+
+
+def deform_sampling_locations(reference_points, sampling_offsets, spatial_shapes, n_points):
+    """Sampling locations [N, Lq, M, L, P, 2] from reference points and predicted offsets.
+
+    reference_points [N, Lq, L, 2]: (x, y) in [0, 1]; offsets [N, Lq, M, L, P, 2] are in pixels of
+    each level. Or reference boxes [N, Lq, L, 4] (cx, cy, w, h): offsets are then fractions of half
+    the box size, scaled down by the number of points.
+    """
+    if reference_points.shape[-1] == 2:
+        shapes = torch.as_tensor(spatial_shapes, device=sampling_offsets.device)
+        normalizer = torch.stack([shapes[:, 1], shapes[:, 0]], -1).to(sampling_offsets.dtype)  # (W, H)
+        return reference_points[:, :, None, :, None, :] + sampling_offsets / normalizer[None, None, None, :, None, :]
+    if reference_points.shape[-1] == 4:
+        return (reference_points[:, :, None, :, None, :2]
+                + sampling_offsets / n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
+    raise ValueError(f"reference_points must end in 2 (points) or 4 (boxes), not {reference_points.shape[-1]}")
+
+
+class MSDeformAttn(nn.Module):
+    """Each query attends to ``n_points`` locations per head and level, placed around its reference
+    point by offsets predicted from the query, with softmax weights also predicted from the query."""
+
+    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"MSDeformAttn: d_model {d_model} is not divisible by n_heads {n_heads}")
+        head_dim = d_model // n_heads
+        if head_dim & (head_dim - 1):
+            warnings.warn(f"MSDeformAttn: a power-of-2 head dimension (now {head_dim}) is faster in CUDA kernels")
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        # Offsets start as a fixed pattern: head k looks along direction 2*pi*k/M (scaled to the unit
+        # square's border), point i at distance i + 1; attention starts uniform.
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        directions = torch.stack([thetas.cos(), thetas.sin()], -1)
+        directions = directions / directions.abs().max(-1, keepdim=True)[0]
+        steps = torch.arange(1, self.n_points + 1, dtype=torch.float32)
+        grid = directions[:, None, None, :] * steps[None, None, :, None]
+        grid = grid.expand(self.n_heads, self.n_levels, self.n_points, 2)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.reshape(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(self, query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
+                input_padding_mask=None):
+        """query [N, Lq, C]; reference_points [N, Lq, L, 2 or 4]; input_flatten [N, S, C];
+        input_padding_mask [N, S] (True on padding) or None. Returns [N, Lq, C]."""
+        n, lq, _ = query.shape
+        _, s, _ = input_flatten.shape
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(n, s, self.n_heads, self.d_model // self.n_heads)
+        offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
+        weights = weights.softmax(-1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
+        locations = deform_sampling_locations(reference_points, offsets, input_spatial_shapes, self.n_points)
+        out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
+        return self.output_proj(out)

@@ -1,0 +1,91 @@
+import math
+
+import torch
+
+from selftrain_d2.modeling.pixel_decoder.ms_deform_attn import MSDeformAttn, ms_deform_attn
+
+
+def naive_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """One point at a time: bilinear interpolation at pixel coordinates (x * W - 0.5, y * H - 0.5), zero
+    outside the map."""
+    n, _, m, d = value.shape
+    _, lq, _, num_levels, p, _ = sampling_locations.shape
+    rows = []
+    for b in range(n):
+        for q in range(lq):
+            heads = []
+            for h in range(m):
+                acc = value.new_zeros(d)
+                for lvl in range(num_levels):
+                    height, width = (int(s) for s in spatial_shapes[lvl])
+                    start = int(level_start_index[lvl])
+                    for k in range(p):
+                        x = sampling_locations[b, q, h, lvl, k, 0] * width - 0.5
+                        y = sampling_locations[b, q, h, lvl, k, 1] * height - 0.5
+                        x0, y0 = math.floor(x.item()), math.floor(y.item())
+                        sample = value.new_zeros(d)
+                        for yi, wy in ((y0, y0 + 1 - y), (y0 + 1, y - y0)):
+                            for xi, wx in ((x0, x0 + 1 - x), (x0 + 1, x - x0)):
+                                if 0 <= yi < height and 0 <= xi < width:
+                                    sample = sample + wy * wx * value[b, start + yi * width + xi, h]
+                        acc = acc + attention_weights[b, q, h, lvl, k] * sample
+                heads.append(acc)
+            rows.append(torch.cat(heads))
+    return torch.stack(rows).view(n, lq, m * d)
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor([[4, 5], [2, 3]])
+    starts = torch.tensor([0, 20])
+    n, lq, m, d, p = 2, 3, 2, 3, 2
+    value = torch.randn(n, 26, m, d, generator=g, dtype=torch.float64)
+    # Some locations fall outside [0, 1], to exercise the zero padding.
+    locations = torch.rand(n, lq, m, 2, p, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2
+    weights = torch.rand(n, lq, m, 2, p, generator=g, dtype=torch.float64)
+    return value, shapes, starts, locations, weights
+
+
+def test_ms_deform_attn_matches_a_naive_bilinear_loop():
+    value, shapes, starts, locations, weights = _inputs()
+    assert ((locations < 0) | (locations > 1)).any()
+    fast = ms_deform_attn(value, shapes, starts, locations, weights)
+    naive = naive_ms_deform_attn(value, shapes, starts, locations, weights)
+    assert fast.shape == (2, 3, 6)
+    torch.testing.assert_close(fast, naive, rtol=1e-10, atol=1e-10)
+
+
+def test_ms_deform_attn_gradients_match_the_naive_loop():
+    inputs = _inputs(seed=1)
+    value, shapes, starts, locations, weights = inputs
+    grad_out = torch.randn(2, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for fn in (ms_deform_attn, naive_ms_deform_attn):
+        leaves = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
+        out = fn(leaves[0], shapes, starts, leaves[1], leaves[2])
+        grads.append(torch.autograd.grad(out, leaves, grad_out))
+    for fast, naive, name in zip(*grads, ("value", "sampling_locations", "attention_weights")):
+        torch.testing.assert_close(fast, naive, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad w.r.t. {name}: {m}")
+
+
+def test_ms_deform_attn_accepts_python_shapes():
+    value, shapes, starts, locations, weights = _inputs()
+    torch.testing.assert_close(ms_deform_attn(value, shapes.tolist(), starts.tolist(), locations, weights),
+                               ms_deform_attn(value, shapes, starts, locations, weights))
+
+
+def test_msdeformattn_initial_offsets_and_uniform_attention():
+    attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=3)
+    grid = attn.sampling_offsets.bias.view(4, 2, 3, 2)
+    # head 0 looks right, head 1 down (x, y); point i at distance i + 1; the same on every level
+    torch.testing.assert_close(grid[0, 1, :, 0], torch.tensor([1.0, 2.0, 3.0]))
+    torch.testing.assert_close(grid[1, 0, 2], torch.tensor([0.0, 3.0]), atol=1e-6, rtol=0)
+    assert torch.equal(attn.sampling_offsets.weight, torch.zeros_like(attn.sampling_offsets.weight))
+    assert torch.equal(attn.attention_weights.bias, torch.zeros(4 * 2 * 3))
+
+    shapes = torch.tensor([[4, 4], [2, 2]])
+    starts = torch.tensor([0, 16])
+    src = torch.randn(2, 20, 16)
+    ref = torch.rand(2, 20, 2, 2)
+    out = attn(src, ref, src, shapes, starts)
+    assert out.shape == (2, 20, 16) and torch.isfinite(out).all()
