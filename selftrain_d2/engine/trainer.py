@@ -3,7 +3,8 @@
 - the registered mappers and the seeded, resumable training stream (selftrain_d2.data.build),
 - DDP that also works for CPU processes (gloo),
 - the one shared ``build_evaluator``,
-- DeepLab's poly learning-rate schedule when asked for by name,
+- DeepLab's poly learning-rate schedule when asked for by name, and the Mask2Former optimizer
+  recipe (AdamW, backbone multiplier, embedding weight decay, full-model clipping) by config,
 - per-step seeding, so ``--resume`` repeats the uninterrupted run exactly.
 """
 import logging
@@ -19,6 +20,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..data.build import SeededTrainStream, build_test_loader, build_train_loader
 from ..evaluation import build_evaluator
+from ..solver import build_optimizer
 from ..utils.io import atomic_write_json
 from .ddp import wrap_ddp
 from .hooks import StepSeeder
@@ -88,6 +90,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):

@@ -1,0 +1,122 @@
+"""``build_optimizer(cfg, model)``: the reference Mask2Former optimizer, a superset of Detectron2's.
+
+- ``SOLVER.OPTIMIZER``: "SGD" (``MOMENTUM``, ``NESTEROV``) or "ADAMW";
+- learning rate ``BASE_LR``, times ``BACKBONE_MULTIPLIER`` inside the ``backbone`` submodule
+  (and ``BIAS_LR_FACTOR`` for biases, Detectron2's key, 1.0 by default);
+- weight decay ``WEIGHT_DECAY``; ``WEIGHT_DECAY_NORM`` in normalisation layers (``WEIGHT_DECAY_BIAS``
+  for biases when set); ``WEIGHT_DECAY_EMBED`` for ``nn.Embedding`` weights (the decoder's
+  query_feat / query_embed / level_embed), Swin's relative position bias tables and absolute
+  position embedding, and a ViT's pos_embed / cls_token / reg_token;
+- ``CLIP_GRADIENTS`` with ``CLIP_TYPE: "full_model"`` clips the norm of all gradients together
+  before each step; "value" / "norm" are Detectron2's per-parameter clipping.
+
+With ``OPTIMIZER: SGD`` and ``BACKBONE_MULTIPLIER: 1.0`` it builds the same optimizer as
+Detectron2's ``build_optimizer``.
+"""
+import itertools
+
+import torch
+from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
+from torch import nn
+
+__all__ = ["build_optimizer", "build_param_groups", "full_model_gradient_clipping", "NORM_MODULE_TYPES"]
+
+NORM_MODULE_TYPES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,  # also Detectron2's NaiveSyncBatchNorm
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+# Parameters (by their own name) that act as embeddings without being an nn.Embedding: Swin's
+# position tables and a ViT's position embedding and class / register tokens (ViTDet exempts
+# pos_embed from decay too).
+EMBEDDING_PARAM_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed", "cls_token", "reg_token")
+
+
+def build_param_groups(
+    model,
+    *,
+    base_lr,
+    weight_decay,
+    weight_decay_norm,
+    weight_decay_embed,
+    backbone_multiplier=1.0,
+    bias_lr_factor=1.0,
+    weight_decay_bias=None,
+):
+    """Optimizer parameter groups (trainable parameters only, each once), merged by hyper-parameters.
+
+    A parameter is in the backbone when a module on its path is named ``backbone`` (``backbone.res2``,
+    ``module.backbone`` under DDP).
+    """
+    groups = []
+    seen = set()
+    for module_name, module in model.named_modules():
+        in_backbone = "backbone" in module_name.split(".")
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or param in seen:
+                continue
+            seen.add(param)
+            lr, decay = base_lr, weight_decay
+            if in_backbone:
+                lr *= backbone_multiplier
+            if isinstance(module, NORM_MODULE_TYPES):
+                decay = weight_decay_norm
+            if name == "bias":
+                lr *= bias_lr_factor
+                if weight_decay_bias is not None:
+                    decay = weight_decay_bias
+            if isinstance(module, nn.Embedding) or name in EMBEDDING_PARAM_NAMES:
+                decay = weight_decay_embed
+            groups.append({"params": [param], "lr": lr, "weight_decay": decay})
+    return reduce_param_groups(groups)
+
+
+def full_model_gradient_clipping(optimizer_cls, max_norm, norm_type=2.0):
+    """A subclass of ``optimizer_cls`` whose ``step`` first clips the gradient norm of all its
+    parameters, taken together, to ``max_norm``."""
+
+    class FullModelGradientClipping(optimizer_cls):
+        def step(self, closure=None):
+            params = itertools.chain.from_iterable(group["params"] for group in self.param_groups)
+            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            return super().step(closure=closure)
+
+    FullModelGradientClipping.__name__ = f"{optimizer_cls.__name__}WithFullModelGradientClipping"
+    FullModelGradientClipping.__qualname__ = FullModelGradientClipping.__name__
+    return FullModelGradientClipping
+
+
+def build_optimizer(cfg, model):
+    s = cfg.SOLVER
+    params = build_param_groups(
+        model,
+        base_lr=s.BASE_LR,
+        weight_decay=s.WEIGHT_DECAY,
+        weight_decay_norm=s.WEIGHT_DECAY_NORM,
+        weight_decay_embed=s.WEIGHT_DECAY_EMBED,
+        backbone_multiplier=s.BACKBONE_MULTIPLIER,
+        bias_lr_factor=s.BIAS_LR_FACTOR,
+        weight_decay_bias=s.WEIGHT_DECAY_BIAS,
+    )
+    if s.OPTIMIZER == "SGD":
+        # foreach=True as Detectron2 sets it: the multi-tensor kernels, also on the CPU.
+        optimizer_cls, kwargs = torch.optim.SGD, {"momentum": s.MOMENTUM, "nesterov": s.NESTEROV, "foreach": True}
+    elif s.OPTIMIZER == "ADAMW":
+        optimizer_cls, kwargs = torch.optim.AdamW, {}
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER={s.OPTIMIZER!r}: use 'SGD' or 'ADAMW'")
+
+    clip = s.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+        if clip.CLIP_VALUE > 0:
+            optimizer_cls = full_model_gradient_clipping(optimizer_cls, clip.CLIP_VALUE, clip.NORM_TYPE)
+    else:
+        optimizer_cls = maybe_add_gradient_clipping(cfg, optimizer_cls)
+    return optimizer_cls(params, lr=s.BASE_LR, **kwargs)
