@@ -21,3 +21,4 @@ def build_mapper(cfg, is_train):
 from . import semantic  # noqa: E402,F401  (registration on import)
 
 __all__ = ["MAPPER_REGISTRY", "build_mapper"]
+from . import mask_former  # noqa

@@ -1,0 +1,111 @@
+"""Mask-classification outputs of one image -> semantic scores, instances, panoptic segments.
+
+Pure functions. ``mask_cls`` is ``[Q, K+1]`` class logits (the last column is "no object") and
+``mask_pred`` is ``[Q, H, W]`` mask logits, already at the resolution the result should have.
+"""
+import torch
+import torch.nn.functional as F
+from detectron2.structures import Boxes, Instances
+
+__all__ = ["semantic_inference", "instance_inference", "panoptic_inference", "masks_to_boxes"]
+
+
+def semantic_inference(mask_cls, mask_pred):
+    """``[K, H, W]`` class scores: sum over queries of P(class | query) x sigmoid(mask logit)."""
+    probs = F.softmax(mask_cls, dim=-1)[..., :-1]
+    return torch.einsum("qc,qhw->chw", probs, mask_pred.sigmoid())
+
+
+def masks_to_boxes(masks):
+    """``[N, 4]`` XYXY boxes enclosing boolean masks ``[N, H, W]`` (x2, y2 exclusive, as BitMasks
+    gives them); an empty mask gets an all-zero box."""
+    n, h, w = masks.shape
+    if n == 0:
+        return torch.zeros(0, 4, dtype=torch.float32, device=masks.device)
+    cols = masks.any(dim=1)  # [N, W]
+    rows = masks.any(dim=2)  # [N, H]
+    # argmax of a 0/1 row finds its first 1; on the flipped row, its last one.
+    x1 = cols.byte().argmax(dim=1)
+    x2 = w - cols.flip(1).byte().argmax(dim=1)
+    y1 = rows.byte().argmax(dim=1)
+    y2 = h - rows.flip(1).byte().argmax(dim=1)
+    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
+    return boxes * cols.any(dim=1, keepdim=True)
+
+
+def instance_inference(mask_cls, mask_pred, num_classes, topk, keep_classes=None, boxes_from_masks=True):
+    """The ``topk`` best (query, class) pairs as :class:`Instances` of size ``mask_pred.shape[-2:]``.
+
+    A pair's score is its softmax class probability (no-object dropped) times the mask score: the
+    mean sigmoid probability inside the predicted mask (logit > 0). ``keep_classes`` (a collection
+    of class ids), when given, drops pairs of other classes after the top-k, as panoptic models do
+    to report things only. Boxes enclose the masks, or are zeros (the reference's speed choice).
+    """
+    if mask_cls.shape[-1] != num_classes + 1:
+        raise ValueError(f"mask_cls has {mask_cls.shape[-1]} columns; expected num_classes + 1 = {num_classes + 1}")
+    scores = F.softmax(mask_cls, dim=-1)[:, :-1]
+    topk = min(int(topk), scores.numel())
+    scores, pair = scores.flatten().topk(topk, sorted=True)
+    labels = pair % num_classes
+    masks = mask_pred[pair // num_classes]
+    if keep_classes is not None:
+        keep = torch.isin(labels, torch.as_tensor(sorted(keep_classes), dtype=labels.dtype, device=labels.device))
+        scores, labels, masks = scores[keep], labels[keep], masks[keep]
+
+    binary = masks > 0
+    flat = binary.flatten(1).float()
+    mask_scores = (masks.sigmoid().flatten(1) * flat).sum(1) / (flat.sum(1) + 1e-6)
+
+    result = Instances(tuple(mask_pred.shape[-2:]))
+    result.pred_masks = binary.float()
+    if boxes_from_masks:
+        result.pred_boxes = Boxes(masks_to_boxes(binary))
+    else:
+        result.pred_boxes = Boxes(torch.zeros(len(masks), 4, device=masks.device))
+    result.scores = scores * mask_scores
+    result.pred_classes = labels
+    return result
+
+
+def panoptic_inference(mask_cls, mask_pred, num_classes, object_mask_threshold, overlap_threshold, thing_classes):
+    """``(panoptic_seg int32 [H, W], segments_info)``, the way MaskFormer merges masks.
+
+    Queries predicting a real class with probability above ``object_mask_threshold`` compete for
+    pixels by score x sigmoid(mask); a query keeps its winning pixels where its own mask is >= 0.5,
+    unless fewer than ``overlap_threshold`` of its mask survives. Segments of one stuff class are
+    merged; ``thing_classes`` holds the contiguous ids of thing classes. Segment ids start at 1.
+    """
+    scores, labels = F.softmax(mask_cls, dim=-1).max(-1)
+    probs = mask_pred.sigmoid()
+    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+    scores, labels, probs = scores[keep], labels[keep], probs[keep]
+
+    h, w = probs.shape[-2:]
+    panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=probs.device)
+    segments_info = []
+    if probs.shape[0] == 0:
+        return panoptic_seg, segments_info
+
+    winner = (scores.view(-1, 1, 1) * probs).argmax(0)
+    stuff_segment = {}
+    segment_id = 0
+    for k in range(labels.shape[0]):
+        cls = int(labels[k])
+        isthing = cls in thing_classes
+        own = probs[k] >= 0.5
+        won = winner == k
+        mask = won & own
+        won_area, own_area, area = int(won.sum()), int(own.sum()), int(mask.sum())
+        if won_area == 0 or own_area == 0 or area == 0:
+            continue
+        if won_area / own_area < overlap_threshold:
+            continue
+        if not isthing and cls in stuff_segment:
+            panoptic_seg[mask] = stuff_segment[cls]
+            continue
+        segment_id += 1
+        if not isthing:
+            stuff_segment[cls] = segment_id
+        panoptic_seg[mask] = segment_id
+        segments_info.append({"id": segment_id, "isthing": bool(isthing), "category_id": cls})
+    return panoptic_seg, segments_info
