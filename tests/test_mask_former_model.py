@@ -143,7 +143,7 @@ def test_instance_inference_scores_by_hand():
     mask_pred = torch.full((2, 4, 4), -3.0)
     mask_pred[0, :2, :2] = math.log(3.0)  # sigmoid 0.75 inside a 2x2 mask
     mask_pred[1, 1:, 1:3] = math.log(9.0)  # sigmoid 0.9 inside a 3x2 mask
-    out = instance_inference(mask_cls, mask_pred, num_classes=3, topk=3)
+    out = instance_inference(mask_cls, mask_pred, num_classes=3, topk=3, boxes_from_masks=True)
     assert isinstance(out, Instances) and out.image_size == (4, 4) and len(out) == 3
     # The best (query, class) pairs: (1, 1) 0.7, (0, 0) 0.6, then 0.1 from query 0 (classes 1 and 2 tie).
     assert out.pred_classes[:2].tolist() == [1, 0]
@@ -428,3 +428,34 @@ def test_trainer_trains_the_demo_configs_and_evaluates_mask_ap(tmp_path, new_nam
     trainer.resume_or_load(resume=False)
     results = trainer.train()
     assert 0 <= results["segm"]["AP"] <= 100 and "bbox" in results
+
+
+def test_instance_only_inference_equals_upsampling_every_query():
+    from detectron2.modeling.postprocessing import sem_seg_postprocess
+
+    model = _model(instance_on=True, semantic_on=False, sem_seg_postprocess_before_inference=True,
+                   test_topk_per_image=5).eval()
+    g = torch.Generator().manual_seed(0)
+    outputs = {"pred_logits": torch.randn(2, 3, 4, generator=g), "pred_masks": torch.randn(2, 3, 8, 12, generator=g)}
+    inputs = [{"image": _image(32, 48), "height": 20, "width": 30}, {"image": _image(28, 40)}]
+    images = model.preprocess_image(inputs)
+    fast = model.inference(outputs, inputs, images)
+    every = F.interpolate(outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
+    for i, (x, size) in enumerate(zip(inputs, images.image_sizes)):
+        masks = sem_seg_postprocess(every[i], size, x.get("height", size[0]), x.get("width", size[1]))
+        expected = instance_inference(outputs["pred_logits"][i], masks, 3, topk=5)
+        got = fast[i]["instances"]
+        assert got.image_size == expected.image_size
+        for field in ("pred_masks", "scores", "pred_classes"):
+            assert torch.equal(getattr(got, field), getattr(expected, field)), field
+        assert torch.equal(got.pred_boxes.tensor, expected.pred_boxes.tensor)
+
+
+@pytest.mark.parametrize("out_size", [(20, 30), (28, 40)])
+def test_crop_and_resize_equals_detectron2_sem_seg_postprocess(out_size):
+    from detectron2.modeling.postprocessing import sem_seg_postprocess
+
+    from selftrain_d2.modeling.meta_arch.postprocess import crop_and_resize
+
+    masks = torch.randn(5, 32, 48, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(crop_and_resize(masks, (28, 40), *out_size), sem_seg_postprocess(masks, (28, 40), *out_size))

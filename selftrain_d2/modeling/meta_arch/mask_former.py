@@ -16,7 +16,14 @@ from detectron2.structures import BitMasks, ImageList
 from detectron2.utils.memory import retry_if_cuda_oom
 from torch import nn
 
-from .postprocess import instance_inference, panoptic_inference, semantic_inference
+from .postprocess import (
+    crop_and_resize,
+    instance_inference,
+    instances_from_pairs,
+    panoptic_inference,
+    select_instance_pairs,
+    semantic_inference,
+)
 
 __all__ = [
     "MaskFormer",
@@ -100,7 +107,7 @@ class MaskFormer(nn.Module):
         instance_on: bool,
         test_topk_per_image: int,
         ignore_value: int = 255,
-        boxes_from_masks: bool = True,
+        boxes_from_masks: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -154,6 +161,7 @@ class MaskFormer(nn.Module):
             "instance_on": mf.TEST.INSTANCE_ON,
             "panoptic_on": mf.TEST.PANOPTIC_ON,
             "test_topk_per_image": mf.TEST.DETECTIONS_PER_IMAGE,
+            "boxes_from_masks": mf.TEST.BOXES_FROM_MASKS,
             "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         }
 
@@ -200,6 +208,8 @@ class MaskFormer(nn.Module):
         return targets
 
     def inference(self, outputs, batched_inputs, images):
+        if self.instance_on and not (self.semantic_on or self.panoptic_on) and self.sem_seg_postprocess_before_inference:
+            return self.instance_only_inference(outputs, batched_inputs, images)
         mask_pred_results = F.interpolate(
             outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
         )
@@ -231,6 +241,24 @@ class MaskFormer(nn.Module):
                     keep_classes=thing_classes, boxes_from_masks=self.boxes_from_masks,
                 )
             results.append(result)
+        return results
+
+    def instance_only_inference(self, outputs, batched_inputs, images):
+        """Instances only: the same results as :meth:`inference`, but only the masks of queries in the
+        top-k pairs are upsampled (resizing is per mask, so the values are identical)."""
+        results = []
+        for mask_cls, mask_pred, x, image_size in zip(
+            outputs["pred_logits"], outputs["pred_masks"], batched_inputs, images.image_sizes
+        ):
+            height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
+            scores, labels, query = select_instance_pairs(mask_cls, self.num_classes, self.test_topk_per_image)
+            queries, inverse = torch.unique(query, return_inverse=True)
+            masks = F.interpolate(
+                mask_pred[queries][None], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
+            )[0]
+            masks = retry_if_cuda_oom(crop_and_resize)(masks, image_size, height, width)
+            instances = instances_from_pairs(masks, scores, labels, self.boxes_from_masks, rows=inverse)
+            results.append({"instances": instances})
         return results
 
 

@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
-__all__ = ["semantic_inference", "instance_inference", "panoptic_inference", "masks_to_boxes"]
+__all__ = [
+    "semantic_inference", "instance_inference", "select_instance_pairs", "instances_from_pairs", "crop_and_resize",
+    "panoptic_inference", "masks_to_boxes",
+]
 
 
 def semantic_inference(mask_cls, mask_pred):
@@ -33,38 +36,64 @@ def masks_to_boxes(masks):
     return boxes * cols.any(dim=1, keepdim=True)
 
 
-def instance_inference(mask_cls, mask_pred, num_classes, topk, keep_classes=None, boxes_from_masks=True):
-    """The ``topk`` best (query, class) pairs as :class:`Instances` of size ``mask_pred.shape[-2:]``.
+def crop_and_resize(masks, image_size, height, width):
+    """``masks [N, Hpad, Wpad]`` cropped to the unpadded ``image_size`` and resized (bilinear) to
+    ``(height, width)``: Detectron2's ``sem_seg_postprocess``, skipping the resize when the size
+    already fits (a same-size bilinear resize is an exact copy)."""
+    masks = masks[:, : image_size[0], : image_size[1]]
+    if tuple(masks.shape[-2:]) == (height, width):
+        return masks
+    return F.interpolate(masks[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
-    A pair's score is its softmax class probability (no-object dropped) times the mask score: the
-    mean sigmoid probability inside the predicted mask (logit > 0). ``keep_classes`` (a collection
-    of class ids), when given, drops pairs of other classes after the top-k, as panoptic models do
-    to report things only. Boxes enclose the masks, or are zeros (the reference's speed choice).
-    """
+
+def select_instance_pairs(mask_cls, num_classes, topk, keep_classes=None):
+    """``(scores, labels, query_index)`` of the ``topk`` best (query, class) pairs by softmax class
+    probability (no-object dropped); ``keep_classes`` (class ids), when given, drops pairs of other
+    classes after the top-k, as panoptic models do to report things only."""
     if mask_cls.shape[-1] != num_classes + 1:
         raise ValueError(f"mask_cls has {mask_cls.shape[-1]} columns; expected num_classes + 1 = {num_classes + 1}")
     scores = F.softmax(mask_cls, dim=-1)[:, :-1]
     topk = min(int(topk), scores.numel())
     scores, pair = scores.flatten().topk(topk, sorted=True)
-    labels = pair % num_classes
-    masks = mask_pred[pair // num_classes]
+    labels, query = pair % num_classes, pair // num_classes
     if keep_classes is not None:
         keep = torch.isin(labels, torch.as_tensor(sorted(keep_classes), dtype=labels.dtype, device=labels.device))
-        scores, labels, masks = scores[keep], labels[keep], masks[keep]
+        scores, labels, query = scores[keep], labels[keep], query[keep]
+    return scores, labels, query
 
+
+def instances_from_pairs(masks, scores, labels, boxes_from_masks=False, rows=None):
+    """:class:`Instances` from mask logits ``[M, H, W]`` and the class scores / labels of N pairs.
+
+    ``rows`` [N] says which mask each pair uses (several pairs may share a query's mask, which is
+    then scored once); without it, pair i uses mask i. A pair's score is its class probability
+    times the mask score: the mean sigmoid probability inside the predicted mask (logit > 0).
+    Boxes enclose the masks when ``boxes_from_masks``, else are zeros, as the reference returns.
+    """
     binary = masks > 0
-    flat = binary.flatten(1).float()
-    mask_scores = (masks.sigmoid().flatten(1) * flat).sum(1) / (flat.sum(1) + 1e-6)
-
-    result = Instances(tuple(mask_pred.shape[-2:]))
-    result.pred_masks = binary.float()
+    inside = binary.flatten(1)
+    # where() and an integer count give the same sums as multiplying by a float mask, without it.
+    mask_scores = torch.where(inside, masks.sigmoid().flatten(1), 0).sum(1) / (inside.sum(1).float() + 1e-6)
     if boxes_from_masks:
-        result.pred_boxes = Boxes(masks_to_boxes(binary))
+        boxes = masks_to_boxes(binary)
     else:
-        result.pred_boxes = Boxes(torch.zeros(len(masks), 4, device=masks.device))
+        boxes = torch.zeros(len(masks), 4, device=masks.device)
+    if rows is not None:
+        binary, mask_scores, boxes = binary[rows], mask_scores[rows], boxes[rows]
+
+    result = Instances(tuple(masks.shape[-2:]))
+    result.pred_masks = binary.float()
+    result.pred_boxes = Boxes(boxes)
     result.scores = scores * mask_scores
     result.pred_classes = labels
     return result
+
+
+def instance_inference(mask_cls, mask_pred, num_classes, topk, keep_classes=None, boxes_from_masks=False):
+    """The ``topk`` best (query, class) pairs as :class:`Instances` of size ``mask_pred.shape[-2:]``
+    (see :func:`select_instance_pairs` and :func:`instances_from_pairs`)."""
+    scores, labels, query = select_instance_pairs(mask_cls, num_classes, topk, keep_classes)
+    return instances_from_pairs(mask_pred[query], scores, labels, boxes_from_masks)
 
 
 def panoptic_inference(mask_cls, mask_pred, num_classes, object_mask_threshold, overlap_threshold, thing_classes):
