@@ -4,7 +4,6 @@ Shapes: ``inputs`` are mask logits and ``targets`` binary (or soft) masks in [0,
 flattened to points: ``[R, P]`` for the losses (row r of inputs pairs with row r of targets),
 ``[Q, P]`` and ``[N, P]`` for the costs, which compare every prediction with every target.
 """
-import torch
 import torch.nn.functional as F
 
 __all__ = [

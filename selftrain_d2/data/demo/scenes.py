@@ -38,7 +38,7 @@ class Scene(NamedTuple):
 
 # ------------------------------------------------------------------------------------- background
 def _draw_sky(cv, rng, style, street):
-    h, w = cv.h, cv.w
+    h = cv.h
     rows = np.clip(np.arange(h, dtype=np.float32) / max(street.yh, 1.0), 0, 1) ** np.float32(rng.uniform(0.8, 1.6))
     top, bottom = jitter_color(rng, style.sky_top, 0.08, 6), jitter_color(rng, style.sky_horizon, 0.06, 6)
     col = top[None, :] * (1 - rows[:, None]) + bottom[None, :] * rows[:, None]  # H x 3
