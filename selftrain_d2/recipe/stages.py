@@ -1,0 +1,294 @@
+"""Stage types of a recipe, chosen by name (``type:`` in the recipe file).
+
+A stage type knows which options it takes, what its result depends on (``fingerprint``: hashed with the
+fingerprints of the stages it uses, so a change anywhere upstream reruns it), how to run into its own
+folder (resuming when asked), and what it leaves there (``collect``: weights, config, metrics, datasets).
+Training and labelling run as subprocesses of the project's own tools, so every stage's log, checkpoints
+and ``--num-gpus`` launch are exactly those of the command a user would type.
+"""
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..utils.registry import NamedRegistry
+from .spec import RecipeError
+
+__all__ = ["STAGE_REGISTRY", "RecipeContext", "Stage", "tool_path"]
+
+logger = logging.getLogger(__name__)
+
+STAGE_REGISTRY = NamedRegistry("RECIPE_STAGE")
+STAGE_REGISTRY.__doc__ = "Recipe stage types, by the name used as ``type:`` in recipe files."
+
+
+def tool_path(name):
+    """A script of the repository's ``tools/`` folder (the project runs from its checkout)."""
+    path = Path(__file__).resolve().parents[2] / "tools" / name
+    if not path.is_file():
+        raise RecipeError(f"{path} not found: run recipes from a checkout of selftrain-d2 (pip install -e .)")
+    return str(path)
+
+
+class RecipeContext:
+    """What stages share: the recipe, the output root, overrides for every config, and earlier results."""
+
+    def __init__(self, recipe, output_dir, opts=(), num_gpus=1, python=None):
+        self.recipe = recipe
+        self.output_dir = os.path.abspath(output_dir)
+        self.opts = list(opts)
+        self.num_gpus = num_gpus
+        self.python = python or sys.executable
+        self.results = {}  # stage name -> collect() dict of a finished stage
+
+    def stage_dir(self, name):
+        return os.path.join(self.output_dir, name)
+
+    def config_path(self, path):
+        """A config path from the recipe: relative to the recipe file's folder, else to the current one."""
+        base = os.path.dirname(self.recipe.path) if self.recipe.path else os.getcwd()
+        candidate = os.path.join(base, os.path.expanduser(path))
+        return os.path.abspath(candidate if os.path.exists(candidate) else path)
+
+    def result(self, name, key):
+        value = self.results[name].get(key)
+        if value is None:
+            raise RecipeError(f"stage {name!r} left no {key!r} (it is used by a later stage)")
+        return value
+
+
+def _as_list(value):
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _run(cmd, what):
+    logger.info("Running %s:\n  %s", what, " ".join(map(str, cmd)))
+    env = dict(os.environ)
+    completed = subprocess.run([str(c) for c in cmd], env=env)
+    if completed.returncode != 0:
+        raise RecipeError(f"{what} failed with exit status {completed.returncode}; its log is above")
+
+
+def _opts_as_strings(opts, where):
+    if len(opts) % 2:
+        raise RecipeError(f"{where}: opts must be KEY VALUE pairs, got an odd number of items: {opts}")
+    return [str(o) if not isinstance(o, (list, tuple)) else repr(o) for o in opts]
+
+
+class Stage:
+    """Base class; subclasses declare ``REQUIRED`` and ``OPTIONAL`` option names."""
+
+    REQUIRED = ()
+    OPTIONAL = ()
+
+    def __init__(self, spec, ctx):
+        self.spec = spec
+        self.ctx = ctx
+        self.options = spec.options
+
+    @classmethod
+    def check_options(cls, name, options, where):
+        missing = [k for k in cls.REQUIRED if k not in options]
+        unknown = [k for k in options if k not in cls.REQUIRED + cls.OPTIONAL]
+        if missing or unknown:
+            raise RecipeError(
+                f"{where}: stage {name!r} ({cls.__name__}): "
+                + (f"missing {missing}; " if missing else "")
+                + (f"unknown {unknown}; " if unknown else "")
+                + f"takes {list(cls.REQUIRED)} and optionally {list(cls.OPTIONAL)}"
+            )
+        if "opts" in options:
+            _opts_as_strings(list(options["opts"]), f"{where}: stage {name!r}")
+
+    @property
+    def opts(self):
+        return _opts_as_strings(list(self.options.get("opts", [])), f"stage {self.spec.name!r}")
+
+    def dependencies(self):
+        from .spec import _REF_KEYS
+
+        deps = []
+        for key in _REF_KEYS:
+            deps.extend(_as_list(self.options.get(key)))
+        return deps
+
+    def fingerprint(self):
+        raise NotImplementedError
+
+    def run(self, out_dir, resume):
+        raise NotImplementedError
+
+    def collect(self, out_dir):
+        raise NotImplementedError
+
+
+def _merged_config_text(config_file, opts):
+    """The full config a training command would run with (minus paths given by the recipe), as text."""
+    from ..config import load_config
+
+    return load_config(config_file, opts).dump()
+
+
+@STAGE_REGISTRY.register("train")
+class TrainStage(Stage):
+    """``tools/train_net.py`` on a config, with optional initial weights from an earlier stage, the pseudo
+    labels and centroid indexes of earlier stages added to training, and a class-set change."""
+
+    REQUIRED = ("config",)
+    OPTIONAL = ("opts", "init", "pseudo_labels", "centroids", "class_transfer_from")
+
+    def _derived_opts(self):
+        ctx, o = self.ctx, self.options
+        opts = []
+        if o.get("init"):
+            opts += ["MODEL.WEIGHTS", ctx.result(o["init"], "weights")]
+        pseudo = [(ctx.result(s, "dataset"), ctx.result(s, "dir")) for s in _as_list(o.get("pseudo_labels"))]
+        if pseudo:
+            opts += ["DATASETS.PSEUDO_LABELS", repr([list(p) for p in pseudo])]
+            opts += ["DATASETS.TRAIN_PSEUDO", repr(tuple(name for name, _ in pseudo))]
+        index = [(ctx.result(s, "dataset"), ctx.result(s, "index")) for s in _as_list(o.get("centroids"))]
+        if index:
+            opts += ["DATALOADER.CENTROID_SAMPLING.INDEX_FILES", repr([list(p) for p in index])]
+        if o.get("class_transfer_from"):
+            opts += ["MODEL.CLASS_TRANSFER.SOURCE_CLASSES", repr(list(ctx.result(o["class_transfer_from"], "classes")))]
+        return opts
+
+    def fingerprint(self):
+        config = self.ctx.config_path(self.options["config"])
+        return {"config": _merged_config_text(config, self.opts + self.ctx.opts)}
+
+    def run(self, out_dir, resume):
+        cmd = [self.ctx.python, tool_path("train_net.py"), "--config-file", self.ctx.config_path(self.options["config"]),
+               "--num-gpus", self.ctx.num_gpus]
+        if resume:
+            cmd.append("--resume")
+        cmd += ["OUTPUT_DIR", out_dir] + self._derived_opts() + self.opts + self.ctx.opts
+        _run(cmd, f"stage {self.spec.name!r} (train)")
+
+    def collect(self, out_dir):
+        config = os.path.join(out_dir, "config.yaml")
+        weights = os.path.join(out_dir, "model_final.pth")
+        return {
+            "dir": out_dir,
+            "config": config if os.path.isfile(config) else None,
+            "weights": weights if os.path.isfile(weights) else None,
+            "metrics": _read_json(os.path.join(out_dir, "final_metrics.json")),
+            "classes": _training_classes(config) if os.path.isfile(config) else None,
+        }
+
+
+def _training_classes(config_file):
+    """Class names of the first training dataset of a config (stuff classes, else thing classes)."""
+    from detectron2.data import MetadataCatalog
+
+    from ..config import load_config
+    from ..data.datasets import register_from_cfg
+
+    cfg = load_config(config_file, [])
+    register_from_cfg(cfg)
+    if not cfg.DATASETS.TRAIN:
+        return None
+    meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
+    classes = meta.get("stuff_classes") or meta.get("thing_classes")
+    return list(classes) if classes else None
+
+
+@STAGE_REGISTRY.register("evaluate")
+class EvaluateStage(Stage):
+    """``tools/train_net.py --eval-only``: an earlier stage's model on the given datasets."""
+
+    REQUIRED = ("model", "datasets")
+    OPTIONAL = ("opts",)
+
+    def fingerprint(self):
+        return {"datasets": _as_list(self.options["datasets"]), "opts": self.opts + self.ctx.opts}
+
+    def run(self, out_dir, resume):
+        ctx, model = self.ctx, self.options["model"]
+        cmd = [ctx.python, tool_path("train_net.py"), "--eval-only", "--config-file", ctx.result(model, "config"),
+               "--num-gpus", ctx.num_gpus, "OUTPUT_DIR", out_dir, "MODEL.WEIGHTS", ctx.result(model, "weights"),
+               "DATASETS.TEST", repr(tuple(_as_list(self.options["datasets"])))] + self.opts + ctx.opts
+        _run(cmd, f"stage {self.spec.name!r} (evaluate)")
+
+    def collect(self, out_dir):
+        return {"dir": out_dir, "metrics": _read_json(os.path.join(out_dir, "eval_metrics.json"))}
+
+
+@STAGE_REGISTRY.register("pseudo_labels")
+class PseudoLabelStage(Stage):
+    """``tools/generate_pseudo_labels.py``: an earlier stage's model labels a dataset or image folder. The
+    result is registered for later stages as the dataset ``recipe_<stage name>``."""
+
+    REQUIRED = ("model", "input")
+    OPTIONAL = ("opts",)
+
+    def _input(self):
+        value = str(self.options["input"])
+        return os.path.abspath(os.path.expanduser(value)) if os.path.sep in value else value
+
+    def fingerprint(self):
+        return {"input": self._input(), "opts": self.opts + self.ctx.opts}
+
+    def run(self, out_dir, resume):
+        ctx, model = self.ctx, self.options["model"]
+        cmd = [ctx.python, tool_path("generate_pseudo_labels.py"), "--config-file", ctx.result(model, "config"),
+               "--input", self._input(), "--output", out_dir, "--num-gpus", ctx.num_gpus,
+               "MODEL.WEIGHTS", ctx.result(model, "weights")] + self.opts + ctx.opts
+        _run(cmd, f"stage {self.spec.name!r} (pseudo labels)")
+
+    def collect(self, out_dir):
+        return {
+            "dir": out_dir,
+            "dataset": f"recipe_{self.spec.name}",
+            "input": self._input(),
+            "report": _read_json(os.path.join(out_dir, "report.json")),
+        }
+
+
+@STAGE_REGISTRY.register("centroid_index")
+class CentroidIndexStage(Stage):
+    """The centroid index of an earlier pseudo-label stage's labels (``centroids.npz``)."""
+
+    REQUIRED = ("labels",)
+    OPTIONAL = ("min_area",)
+
+    def _min_area(self):
+        if "min_area" in self.options:
+            return int(self.options["min_area"])
+        from ..config import get_selftrain_cfg
+
+        return int(get_selftrain_cfg().DATALOADER.CENTROID_SAMPLING.MIN_AREA)
+
+    def fingerprint(self):
+        return {"min_area": self._min_area()}
+
+    def run(self, out_dir, resume):
+        from ..pseudo_labels.centroids import build_centroid_index, save_centroid_index
+
+        labels_dir = self.ctx.result(self.options["labels"], "dir")
+        records = _read_json(os.path.join(labels_dir, "dataset.json"))
+        meta = _read_json(os.path.join(labels_dir, "meta.json")) or {}
+        if records is None or "stuff_classes" not in meta:
+            raise RecipeError(f"{labels_dir} has no dataset.json / meta.json with stuff_classes: not semantic pseudo labels")
+        index = build_centroid_index(
+            records, len(meta["stuff_classes"]), self._min_area(), ignore_label=meta.get("ignore_label", 255)
+        )
+        save_centroid_index(index, os.path.join(out_dir, "centroids.npz"))
+
+    def collect(self, out_dir):
+        return {
+            "dir": out_dir,
+            "index": os.path.join(out_dir, "centroids.npz"),
+            "dataset": self.ctx.results[self.options["labels"]]["dataset"],
+        }
