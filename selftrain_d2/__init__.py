@@ -4,6 +4,7 @@ Importing the package registers every component (backbones, meta-architectures, 
 evaluators) with Detectron2's registries.
 """
 from . import data, evaluation, modeling  # noqa: F401  (registration on import)
+from . import distill  # noqa: F401,E402  (KD losses and the Distiller; after modeling)
 from .config import add_selftrain_config
 
 __all__ = ["add_selftrain_config"]

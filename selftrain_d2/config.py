@@ -27,8 +27,61 @@ def add_selftrain_config(cfg):
     # Folders of unlabeled images (searched recursively) registered as datasets: [[NAME, FOLDER], ...].
     cfg.DATASETS.IMAGE_FOLDERS = []
 
+    # Output folders of tools/generate_pseudo_labels.py registered as training datasets: [[NAME, DIR], ...].
+    cfg.DATASETS.PSEUDO_LABELS = []
+
+    # Offline pseudo labelling by a teacher (tools/generate_pseudo_labels.py, selftrain_d2.pseudo_labels).
+    cfg.PSEUDO_LABELS = CN()
+    # "hard": train-id PNGs; "soft": the same PNGs plus the top-k class probabilities per pixel (.npz).
+    cfg.PSEUDO_LABELS.FORMAT = "hard"
+    # Pixels whose top class probability is below this get the ignore label (255); 0.0 keeps every pixel.
+    cfg.PSEUDO_LABELS.THRESHOLD = 0.0
+    # Also write each pixel's top class probability as a uint8 PNG (round(p * 255)).
+    cfg.PSEUDO_LABELS.SAVE_CONFIDENCE = False
+    # Classes kept per pixel in soft labels.
+    cfg.PSEUDO_LABELS.SOFT_TOP_K = 3
+    # Instance teachers: predictions scoring below this are dropped.
+    cfg.PSEUDO_LABELS.INSTANCE_SCORE_THRESHOLD = 0.5
+    cfg.PSEUDO_LABELS.TTA = CN()
+    # Scales (multiples of the INPUT.MIN_SIZE_TEST-resized image) whose class probabilities are averaged.
+    cfg.PSEUDO_LABELS.TTA.SCALES = [1.0]
+    # Also average the prediction for the horizontally mirrored image at every scale.
+    cfg.PSEUDO_LABELS.TTA.FLIP = False
+    cfg.PSEUDO_LABELS.SLIDING_WINDOW = CN()
+    # Predict large images window by window (overlaps averaged) instead of whole.
+    cfg.PSEUDO_LABELS.SLIDING_WINDOW.ENABLED = False
+    # Window (height, width) and step between windows; a stride below the size makes windows overlap. Smaller
+    # images are padded to a window. DeepLab heads with a fixed ASPP pool accept only inputs of INPUT.CROP.SIZE
+    # (times an integer): use it as the window for them when TTA.SCALES holds scales other than 1.0.
+    cfg.PSEUDO_LABELS.SLIDING_WINDOW.SIZE = [512, 1024]
+    cfg.PSEUDO_LABELS.SLIDING_WINDOW.STRIDE = [384, 768]
+
     # Training loader: unreadable images are skipped and reported instead of stopping the run.
     cfg.DATALOADER.SKIP_UNREADABLE = True
+
+    # Student training on real + pseudo labels (selftrain_d2.data.samplers): pseudo-labelled datasets
+    # mixed into every epoch beside DATASETS.TRAIN (the real labels).
+    cfg.DATASETS.TRAIN_PSEUDO = ()
+    # Pseudo samples per real sample per epoch (the paper's 1:1 ... 7:1 is 1.0 ... 7.0).
+    cfg.DATALOADER.PSEUDO_RATIO = 1.0
+    # Each real image appears this many times per epoch (the duplicate-real-labels baseline when > 1).
+    cfg.DATALOADER.REAL_REPEAT = 1
+    cfg.DATALOADER.CENTROID_SAMPLING = CN()
+    # Draw samples by a class uniformly, then one of its region centroids, and crop around it.
+    cfg.DATALOADER.CENTROID_SAMPLING.ENABLED = False
+    # Connected regions smaller than this many pixels get no centroid.
+    cfg.DATALOADER.CENTROID_SAMPLING.MIN_AREA = 16
+    # The crop centre moves by up to this fraction of the crop size (uniformly) from the centroid; < 0.5.
+    cfg.DATALOADER.CENTROID_SAMPLING.JITTER = 0.2
+    # "pseudo": only the pseudo samples are drawn by centroid; "all": the real samples too.
+    cfg.DATALOADER.CENTROID_SAMPLING.APPLY_TO = "pseudo"
+    # Saved centroid indexes, [[DATASET_NAME, FILE.npz], ...]; a dataset without one is indexed at loader start.
+    cfg.DATALOADER.CENTROID_SAMPLING.INDEX_FILES = []
+    # Training colour jitter: brightness, contrast and saturation factors drawn from [1 - s, 1 + s]; 0 = off.
+    cfg.INPUT.COLOR_JITTER = 0.0
+    # Training Gaussian blur: probability per image (0 = off), and the range its sigma is drawn from.
+    cfg.INPUT.GAUSSIAN_BLUR = 0.0
+    cfg.INPUT.GAUSSIAN_BLUR_SIGMA = (0.1, 2.0)
 
     # EfficientNet-Lite backbone (selftrain_d2.modeling.backbone.efficientnet_lite).
     cfg.MODEL.EFFICIENTNET_LITE = CN()
@@ -43,15 +96,104 @@ def add_selftrain_config(cfg):
     # "BN" trains batch norm, "FrozenBN" keeps the pretrained statistics.
     cfg.MODEL.EFFICIENTNET_LITE.NORM = "BN"
 
+    # Fast-SCNN meta-architecture "FastSCNN" (selftrain_d2.modeling.meta_arch.fast_scnn); classes, ignore value
+    # and loss type come from MODEL.SEM_SEG_HEAD.
+    fs = cfg.MODEL.FAST_SCNN = CN()
+    fs.DOWNSAMPLE_CHANNELS = [32, 48, 64]  # learning to downsample: conv, DSConv, DSConv (each stride 2)
+    fs.BOTTLENECK_CHANNELS = [64, 96, 128]  # global feature extractor: inverted-residual stages ...
+    fs.BOTTLENECK_REPEATS = [3, 3, 3]  # ... blocks per stage ...
+    fs.BOTTLENECK_STRIDES = [2, 2, 1]  # ... stride of each stage's first block
+    fs.EXPANSION = 6  # inverted-residual expansion factor
+    fs.PPM_BINS = [1, 2, 3, 6]  # pyramid pooling grid sizes
+    fs.FUSION_CHANNELS = 128  # feature fusion output channels
+    fs.CLASSIFIER_CHANNELS = 128  # channels of the classifier's two DSConvs
+    fs.DROPOUT = 0.1  # before the final 1x1 classifier conv
+    fs.NORM = "BN"  # normalisation after every conv ("BN", "SyncBN", "GN" ...)
+    fs.SIZE_DIVISIBILITY = 32  # pad batched images (and labels, with the ignore value) to this multiple
+    fs.LOSS_TOP_K = 0.2  # share of hardest pixels kept when MODEL.SEM_SEG_HEAD.LOSS_TYPE is hard_pixel_mining
+
+    # Cross-domain finetuning: class names of the checkpoint in MODEL.WEIGHTS, in its class order. When set,
+    # and the run is not resuming, every tensor sized by those classes (+1 no-object row) is remapped by name
+    # to the classes of DATASETS.TRAIN[0]; new classes keep their fresh init. [] = load as usual.
+    cfg.MODEL.CLASS_TRANSFER = CN()
+    cfg.MODEL.CLASS_TRANSFER.SOURCE_CLASSES = []
+
     _add_mask_former_keys(cfg)
     _add_transformer_backbone_keys(cfg)
+    _add_distill_keys(cfg)
 
     # Method-level settings live under SELFTRAIN; later stages (pseudo labels, students) add theirs here.
     cfg.SELFTRAIN = CN()
     # Seed every training step's randomness from (SEED, iteration, rank), so a resumed run repeats
     # the uninterrupted one exactly. Needs SEED >= 0 to be reproducible across runs.
     cfg.SELFTRAIN.DETERMINISTIC_STEPS = True
+    # Trainer class run by tools/train_net.py, by name in selftrain_d2.engine.TRAINER_REGISTRY
+    # ("Trainer": supervised; "SemiSupervisedTrainer": guided distillation with an EMA teacher).
+    cfg.SELFTRAIN.TRAINER = "Trainer"
+    _add_semisup_keys(cfg)
     return cfg
+
+
+def _add_semisup_keys(cfg):
+    """Online teacher-student training (guided distillation, selftrain_d2.engine.semisup)."""
+    # Unlabeled training datasets; each image gives a weak view (teacher) and a strong view (student).
+    cfg.DATASETS.TRAIN_UNLABELED = ()
+    ss = cfg.SEMISUP = CN()
+    # "guided": burn-in learns from a fixed teacher's pseudo labels too; "plain": labeled-only burn-in.
+    ss.MODE = "guided"
+    # Iterations of burn-in; at this iteration the teacher takes the student's weights, then follows its EMA.
+    ss.BURN_IN_ITERS = 1000
+    # EMA decay of the teacher after burn-in (teacher <- d * teacher + (1 - d) * student, every step).
+    ss.EMA_DECAY = 0.9996
+    # lambda_u: weight of the unsupervised loss (student on strong views vs. the teacher's pseudo labels).
+    ss.UNSUP_LOSS_WEIGHT = 1.0
+    # Unlabeled images per step, over all processes (like SOLVER.IMS_PER_BATCH).
+    ss.UNLABELED_IMS_PER_BATCH = 16
+    # An unlabeled batch is drawn at every iteration that is a multiple of this.
+    ss.UNLABELED_PERIOD = 1
+    # Mapper of the unlabeled images (a MAPPER_REGISTRY name giving "image" (weak) and "image_strong").
+    ss.UNLABELED_MAPPER_NAME = "mask_former_instance_weak_strong"
+    # The unlabeled stream's seed is mixed from the run seed and this offset (so it differs from the labeled one).
+    ss.UNLABELED_SEED_OFFSET = 1
+    # Model(s) evaluated by TEST.EVAL_PERIOD, after training and by --eval-only: STUDENT, TEACHER or BOTH.
+    ss.EVAL_MODEL = "STUDENT"
+    ss.TEACHER = CN()
+    # Checkpoint of the fixed burn-in teacher (trained on the labeled split); needed in "guided" mode.
+    ss.TEACHER.WEIGHTS = ""
+    # Config of that teacher when its architecture differs from the student's ("" = the student's config).
+    ss.TEACHER.CONFIG = ""
+    pl = ss.PSEUDO_LABELS = CN()
+    # "instance": per-object masks from the teacher's queries; "semantic": per-pixel class labels.
+    pl.TARGETS = "instance"
+    # Filters applied in order to each image's queries (selftrain_d2.teacher.filters.PSEUDO_FILTER_REGISTRY).
+    pl.FILTERS = ["drop_no_object", "class_confidence", "binarize_masks", "min_mask_area"]
+    # Minimum class probability of a pseudo object; semantic targets: minimum class share per pixel.
+    pl.SCORE_THRESHOLD = 0.7
+    # Per-class minimum class probabilities (one per class); [] uses SCORE_THRESHOLD for every class.
+    pl.CLASS_THRESHOLDS = []
+    # Mask foreground where sigmoid(mask logit) >= this.
+    pl.MASK_THRESHOLD = 0.5
+    # Pseudo objects with fewer mask pixels are dropped.
+    pl.MIN_MASK_AREA = 5
+    # "mask_quality" filter: minimum mean foreground probability inside the binary mask.
+    pl.MASK_QUALITY_THRESHOLD = 0.5
+    sa = ss.STRONG_AUG = CN()
+    # Colour jitter of the strong view: probability, then brightness / contrast / saturation factors in [1-s, 1+s].
+    sa.COLOR_JITTER_PROB = 0.8
+    sa.BRIGHTNESS = 0.4
+    sa.CONTRAST = 0.4
+    sa.SATURATION = 0.4
+    # Probability of turning the strong view gray.
+    sa.GRAYSCALE_PROB = 0.2
+    # Gaussian blur of the strong view: probability and the range its sigma (pixels) is drawn from.
+    sa.BLUR_PROB = 0.5
+    sa.BLUR_SIGMA = (0.1, 2.0)
+    # Random erasing (cutout) of the strong view: up to ERASE_COUNT boxes, each with probability ERASE_PROB,
+    # covering a share of the image drawn from ERASE_SCALE with an aspect ratio from ERASE_RATIO, filled with noise.
+    sa.ERASE_PROB = 0.7
+    sa.ERASE_COUNT = 1
+    sa.ERASE_SCALE = (0.02, 0.2)
+    sa.ERASE_RATIO = (0.3, 3.3)
 
 
 def _add_mask_former_keys(cfg):
@@ -138,6 +280,66 @@ def _add_transformer_backbone_keys(cfg):
     vit.OUT_CHANNELS = 256  # channels of every level of the simple feature pyramid
     vit.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # strides 4, 8, 16, 32 built from the last block
     vit.FREEZE = False  # keep the ViT's weights fixed (the pyramid still trains)
+
+
+def _add_distill_keys(cfg):
+    """PSPNet, the timm feature backbone, and knowledge distillation (selftrain_d2.distill, issue 7)."""
+    psp = cfg.MODEL.PSPNET = CN()
+    psp.IN_FEATURE = "res5"  # backbone feature the pyramid pooling module reads
+    psp.OUTPUT_STRIDE = 8  # the backbone is dilated (strides of later stages turned into dilation) down to this
+    psp.PPM_BINS = [1, 2, 3, 6]  # pyramid pooling grid sizes
+    psp.HEAD_CHANNELS = 512  # channels of the 3x3 conv after the pyramid pooling concat (the "psp" features)
+    psp.DROPOUT = 0.1  # before the 1x1 classifier (main and auxiliary)
+    psp.NORM = "BN"  # normalisation in the head ("BN", "SyncBN", "GN" ...); BN needs 2+ images per process
+    psp.AUX_FEATURE = "res4"  # backbone feature of the auxiliary head ("" = no auxiliary head)
+    psp.AUX_WEIGHT = 0.4  # weight of the auxiliary head's cross entropy
+    psp.AUX_CHANNELS = 256  # channels of the auxiliary head's 3x3 conv
+    psp.SIZE_DIVISIBILITY = 8  # pad batched images (and labels, with the ignore value) to this multiple
+
+    tm = cfg.MODEL.TIMM = CN()
+    tm.NAME = "efficientnet_b0"  # timm architecture built with features_only (build_timm_backbone)
+    tm.WEIGHTS = ""  # local file with the architecture's weights (timm key names); "" = random init
+    tm.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # feature levels at strides 4, 8, 16, 32 (before dilation)
+    tm.OUTPUT_STRIDE = 32  # 8 or 16 makes timm dilate the deepest stages (PSPNet asks for 8)
+    tm.DROP_PATH_RATE = 0.0  # stochastic depth rate of the timm model
+
+    d = cfg.DISTILL = CN()
+    # Meta-architecture of the student (built from this config) when MODEL.META_ARCHITECTURE is "Distiller".
+    d.STUDENT_META_ARCHITECTURE = "PSPNet"
+    d.TEACHER = CN()
+    d.TEACHER.CONFIG = ""  # the teacher's config file (any registered model)
+    d.TEACHER.WEIGHTS = ""  # the teacher's checkpoint; never saved in the student's checkpoints
+    d.LOSSES = ["pixel_kd"]  # registered KD losses (KD_LOSS_REGISTRY): pixel_kd, cwd, skd, ifvd, holistic
+    # Named taps, [[NAME, STUDENT_MODULE, TEACHER_MODULE], ...]: forward hooks on those submodules (names as in
+    # named_modules()). The defaults fit PSPNet: class scores before upsampling and the head's features.
+    d.TAPS = [["logits", "classifier", "classifier"], ["features", "psp", "psp"]]
+    d.RESIZE_TO = "student"  # tapped maps of different sizes are resized bilinearly to the "student"'s or "teacher"'s
+    d.PROBE_SIZE = []  # (H, W) of the zero image that reads tap channels at build; [] = the absolute crop or 256x256
+    d.PIXEL_KD = CN()  # KL(teacher || student) of tau-softened class distributions per pixel, x tau^2
+    d.PIXEL_KD.WEIGHT = 1.0
+    d.PIXEL_KD.TAU = 1.0
+    d.PIXEL_KD.TAP = "logits"
+    d.CWD = CN()  # channel-wise distillation (Shu et al.): spatial softmax per channel, KL, x tau^2
+    d.CWD.WEIGHT = 1.0
+    d.CWD.TAU = 4.0
+    d.CWD.TAP = "logits"
+    d.SKD = CN()  # pair-wise similarity distillation (Liu et al.) on pooled cells
+    d.SKD.WEIGHT = 1.0
+    d.SKD.TAP = "features"
+    d.SKD.PATCH = 2  # cell size (in tap pixels) of the pooling before the similarities
+    d.SKD.POOL = "max"  # "max" or "avg"
+    d.IFVD = CN()  # intra-class feature variation distillation (Wang et al.)
+    d.IFVD.WEIGHT = 1.0
+    d.IFVD.TAP = "features"
+    d.HOLISTIC = CN()  # adversarial (Wasserstein) distillation of class-probability maps (Liu et al.)
+    d.HOLISTIC.WEIGHT = 0.1  # weight of the student's adversarial term (the critic's scores are unbounded)
+    d.HOLISTIC.TAP = "logits"
+    d.HOLISTIC.CONDITION_ON_IMAGE = True  # concatenate the normalised image to the critic's input maps
+    d.HOLISTIC.CHANNELS = [64, 128, 256]  # the critic's stride-2 conv widths
+    d.HOLISTIC.LR = 0.0004  # the critic's own Adam optimizer
+    d.HOLISTIC.BETAS = [0.9, 0.99]
+    d.HOLISTIC.GP_WEIGHT = 10.0  # gradient penalty (WGAN-GP); 0 = off
+    d.HOLISTIC.CRITIC_STEPS = 1  # critic updates per training iteration
 
 
 def _closest_keys(cfg, full_key, n=3):

@@ -2,16 +2,29 @@ import glob
 import os
 
 import pytest
+import yaml
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
 
 import selftrain_d2  # noqa: F401  (registers everything)
 from selftrain_d2.config import get_selftrain_cfg, load_config
 from selftrain_d2.data import MAPPER_REGISTRY
 from selftrain_d2.evaluation import EVALUATOR_BUILDERS
+from selftrain_d2.recipe import load_recipe
 
 from .conftest import DEMO_CONFIG, ROOT
 
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+ALL_YAML = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+
+
+def _is_recipe(path):
+    """Recipe files (tools/run_recipe.py) are mappings with ``stages``; the rest are Detectron2 configs."""
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    return isinstance(data, dict) and "stages" in data
+
+
+RECIPES = [p for p in ALL_YAML if _is_recipe(p)]
+CONFIGS = [p for p in ALL_YAML if p not in RECIPES]
 
 
 def test_configs_exist():
@@ -26,6 +39,15 @@ def test_every_config_merges_and_names_registered_components(path):
     if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
         assert cfg.MODEL.SEM_SEG_HEAD.NAME in SEM_SEG_HEADS_REGISTRY
     assert cfg.INPUT.DATASET_MAPPER_NAME in MAPPER_REGISTRY
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_recipe_parses_and_its_configs_merge(path):
+    recipe = load_recipe(path)
+    for stage in recipe.stages:
+        if "config" in stage.options:
+            config = os.path.join(os.path.dirname(path), stage.options["config"])
+            load_config(config, [str(o) for o in stage.options.get("opts", [])])
 
 
 def test_add_selftrain_config_is_idempotent():

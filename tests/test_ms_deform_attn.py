@@ -2,7 +2,16 @@ import math
 
 import torch
 
-from selftrain_d2.modeling.pixel_decoder.ms_deform_attn import MSDeformAttn, ms_deform_attn
+import pytest
+
+from selftrain_d2.modeling.pixel_decoder.ms_deform_attn import (
+    MSDeformAttn,
+    ms_deform_attn,
+    ms_deform_attn_gather,
+    ms_deform_attn_grid_sample,
+)
+
+IMPLEMENTATIONS = [ms_deform_attn, ms_deform_attn_gather, ms_deform_attn_grid_sample]
 
 
 def naive_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -46,26 +55,72 @@ def _inputs(seed=0):
     return value, shapes, starts, locations, weights
 
 
-def test_ms_deform_attn_matches_a_naive_bilinear_loop():
+@pytest.mark.parametrize("fn", IMPLEMENTATIONS)
+def test_ms_deform_attn_matches_a_naive_bilinear_loop(fn):
     value, shapes, starts, locations, weights = _inputs()
     assert ((locations < 0) | (locations > 1)).any()
-    fast = ms_deform_attn(value, shapes, starts, locations, weights)
+    fast = fn(value, shapes, starts, locations, weights)
     naive = naive_ms_deform_attn(value, shapes, starts, locations, weights)
     assert fast.shape == (2, 3, 6)
     torch.testing.assert_close(fast, naive, rtol=1e-10, atol=1e-10)
 
 
-def test_ms_deform_attn_gradients_match_the_naive_loop():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_ms_deform_attn_gradients_match_the_naive_loop(impl):
     inputs = _inputs(seed=1)
     value, shapes, starts, locations, weights = inputs
     grad_out = torch.randn(2, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     grads = []
-    for fn in (ms_deform_attn, naive_ms_deform_attn):
+    for fn in (impl, naive_ms_deform_attn):
         leaves = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
         out = fn(leaves[0], shapes, starts, leaves[1], leaves[2])
         grads.append(torch.autograd.grad(out, leaves, grad_out))
     for fast, naive, name in zip(*grads, ("value", "sampling_locations", "attention_weights")):
         torch.testing.assert_close(fast, naive, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad w.r.t. {name}: {m}")
+
+
+def test_gather_matches_grid_sample_far_outside_and_on_pixel_edges():
+    """Locations far outside the maps (all corners zero), exactly on the borders and on pixel centres."""
+    value, shapes, starts, _, weights = _inputs(seed=3)
+    g = torch.Generator().manual_seed(4)
+    locations = torch.rand(2, 3, 2, 2, 2, 2, generator=g, dtype=torch.float64) * 6 - 3
+    locations[0, 0] = 0.0
+    locations[0, 1] = 1.0
+    locations[1, 0, :, 0, :, 0] = (torch.arange(2, dtype=torch.float64) + 0.5) / 5  # centres of level 0's columns
+    assert (locations.abs() > 2).any()
+    naive = naive_ms_deform_attn(value, shapes, starts, locations, weights)
+    torch.testing.assert_close(ms_deform_attn_gather(value, shapes, starts, locations, weights), naive,
+                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ms_deform_attn_grid_sample(value, shapes, starts, locations, weights), naive,
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_ms_deform_attn_uses_the_gather_only_without_gradients(monkeypatch):
+    import importlib
+
+    # (the package re-exports the function under the module's name, so import the module itself)
+    module = importlib.import_module("selftrain_d2.modeling.pixel_decoder.ms_deform_attn")
+    calls = []
+    for name in ("ms_deform_attn_gather", "ms_deform_attn_grid_sample"):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    value, shapes, starts, locations, weights = _inputs()
+    with torch.no_grad():
+        module.ms_deform_attn(value.requires_grad_(True), shapes, starts, locations, weights)
+    module.ms_deform_attn(value.detach(), shapes, starts, locations, weights)
+    module.ms_deform_attn(value.requires_grad_(True), shapes, starts, locations, weights)
+    assert calls == ["ms_deform_attn_gather", "ms_deform_attn_gather", "ms_deform_attn_grid_sample"]
+
+
+def test_gather_float32_matches_grid_sample_at_model_size():
+    g = torch.Generator().manual_seed(5)
+    shapes, starts = torch.tensor([[3, 4], [6, 8], [12, 16]]), torch.tensor([0, 12, 60])
+    value = torch.randn(2, 252, 4, 8, generator=g)
+    locations = torch.rand(2, 252, 4, 3, 4, 2, generator=g) * 1.2 - 0.1
+    weights = torch.rand(2, 252, 4, 3, 4, generator=g).softmax(-1)
+    torch.testing.assert_close(ms_deform_attn_gather(value, shapes, starts, locations, weights),
+                               ms_deform_attn_grid_sample(value, shapes, starts, locations, weights),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_ms_deform_attn_accepts_python_shapes():

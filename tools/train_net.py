@@ -5,22 +5,28 @@
     python tools/train_net.py --config-file CFG --num-gpus 2            # 2 GPUs, or 2 CPU processes
     python tools/train_net.py --config-file CFG --resume                  # continue from last_checkpoint
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
+
+The trainer class is ``SELFTRAIN.TRAINER`` (e.g. ``SemiSupervisedTrainer`` for guided distillation).
 """
 from detectron2.checkpoint import DetectionCheckpointer
 
-from selftrain_d2.engine import Trainer, default_argument_parser, launch_from_args, setup, write_results
+from selftrain_d2.engine import build_trainer_class, default_argument_parser, launch_from_args, setup, write_results
 
 
 def main(args):
     cfg = setup(args)
+    trainer_cls = build_trainer_class(cfg)
     if args.eval_only:
         # No training loader is built on this path.
-        model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        results = Trainer.test(cfg, model)
+        if hasattr(trainer_cls, "eval_only"):  # trainers whose checkpoints hold more than one model
+            results = trainer_cls.eval_only(cfg, resume=args.resume)
+        else:
+            model = trainer_cls.build_model(cfg)
+            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            results = trainer_cls.test(cfg, model)
         write_results(cfg.OUTPUT_DIR, results, name="eval_metrics.json")
         return results
-    trainer = Trainer(cfg)
+    trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 

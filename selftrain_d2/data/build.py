@@ -1,42 +1,35 @@
 """Training and test data loaders.
 
 The training stream is a pure function of (seed, position): the sample at global position ``p`` is
-drawn from a seeded permutation and augmented with NumPy / ``random`` seeded from (seed, p). A
-resumed run therefore sees exactly the batches the uninterrupted run would have seen, and the
-same config gives the same batches whatever the number of loader workers.
+taken from a sample plan (``selftrain_d2.data.samplers``: by default a seeded permutation per epoch;
+with pseudo labels, a mix of real and pseudo samples, optionally drawn by centroid sampling) and
+augmented with NumPy / ``random`` seeded from (seed, p). A resumed run therefore sees exactly the
+batches the uninterrupted run would have seen, and the same config gives the same batches whatever
+the number of loader workers.
 """
 import logging
+import os
 import random
 
 import numpy as np
 import torch
 import torch.utils.data as torchdata
-from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data import DatasetCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.utils import comm
 
 from .image_io import UnreadableImageError
 from .mappers import build_mapper
+from .samplers import MixedPlan, PermutationPlan, mix_seed, plan_stream
 
-__all__ = ["SeededTrainStream", "build_train_loader", "build_test_loader", "mix_seed"]
+__all__ = ["SeededTrainStream", "build_train_loader", "build_test_loader", "build_sample_plan", "mix_seed"]
 
 logger = logging.getLogger(__name__)
 
 
-def mix_seed(*values):
-    """A 32-bit seed derived from integers (stable across processes, unlike ``hash``)."""
-    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(1)[0])
-
-
 def permutation_stream(size, seed, shuffle, start=0):
     """Infinite ``(position, index)`` pairs: epoch ``e`` is a seeded permutation of ``range(size)``."""
-    epoch, offset = divmod(start, size)
-    position = start
-    while True:
-        order = np.random.default_rng(mix_seed(seed, epoch)).permutation(size) if shuffle else np.arange(size)
-        for index in order[offset:]:
-            yield position, int(index)
-            position += 1
-        epoch, offset = epoch + 1, 0
+    for position, entry in plan_stream(PermutationPlan(size, shuffle), seed, start):
+        yield position, entry.index
 
 
 class SeededTrainStream(torchdata.IterableDataset):
@@ -48,8 +41,10 @@ class SeededTrainStream(torchdata.IterableDataset):
     """
 
     def __init__(self, dataset, mapper, batch_size, *, seed, shuffle=True, rank=0, world_size=1,
-                 skip_unreadable=True, aspect_ratio_grouping=False):
+                 skip_unreadable=True, aspect_ratio_grouping=False, plan=None):
         self.dataset = dataset
+        # Which dataset entries (and crop centres) make up each epoch; see selftrain_d2.data.samplers.
+        self.plan = plan if plan is not None else PermutationPlan(len(dataset), shuffle)
         self.mapper = mapper
         self.batch_size = batch_size
         self.seed = seed
@@ -67,10 +62,9 @@ class SeededTrainStream(torchdata.IterableDataset):
             self.seed = seed
 
     def _rank_samples(self):
-        stream = permutation_stream(len(self.dataset), self.seed, self.shuffle, self.start)
-        for position, index in stream:
+        for position, entry in plan_stream(self.plan, self.seed, self.start):
             if position % self.world_size == self.rank:
-                yield position, index
+                yield position, entry
 
     def _worker_samples(self):
         info = torchdata.get_worker_info()
@@ -79,11 +73,13 @@ class SeededTrainStream(torchdata.IterableDataset):
             if (i // self.batch_size) % num_workers == worker:
                 yield item
 
-    def _map(self, position, index):
+    def _map(self, position, entry):
         state = mix_seed(self.seed, position)
         np.random.seed(state)
         random.seed(state)
-        record = self.dataset[index]
+        record = self.dataset[entry.index]
+        if entry.center is not None:
+            record = dict(record, crop_center=entry.center)
         try:
             return self.mapper(record)
         except UnreadableImageError as e:
@@ -94,8 +90,8 @@ class SeededTrainStream(torchdata.IterableDataset):
 
     def __iter__(self):
         buckets = [[], []]
-        for position, index in self._worker_samples():
-            sample = self._map(position, index)
+        for position, entry in self._worker_samples():
+            sample = self._map(position, entry)
             if sample is None:
                 continue
             tall = self.aspect_ratio_grouping and sample["image"].shape[-2] > sample["image"].shape[-1]
@@ -112,18 +108,106 @@ def _per_rank_batch(total, world_size):
     return total // world_size
 
 
+def _centroid_index(cfg, names, records, group, known):
+    """The centroid index of datasets ``names`` (whose dicts, concatenated, are ``records``), aligned to
+    ``records``: loaded from DATALOADER.CENTROID_SAMPLING.INDEX_FILES, or built here when none is given."""
+    from ..pseudo_labels.centroids import CentroidIndex, build_centroid_index, load_centroid_index
+
+    cs = cfg.DATALOADER.CENTROID_SAMPLING
+    num_classes, ignore = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
+    files = _index_files(cfg, known)
+    parts = []
+    for name in names:
+        if name in files:
+            part = load_centroid_index(files[name], num_classes=num_classes)
+            if part.min_area != cs.MIN_AREA:
+                logger.warning(f"centroid index {files[name]} was built with MIN_AREA {part.min_area}, "
+                               f"not DATALOADER.CENTROID_SAMPLING.MIN_AREA={cs.MIN_AREA}; using it as it is")
+        else:
+            logger.info(f"Building the centroid index of {name} in memory (a saved one can be given in "
+                        "DATALOADER.CENTROID_SAMPLING.INDEX_FILES)")
+            part = build_centroid_index(DatasetCatalog.get(name), num_classes, cs.MIN_AREA, ignore)
+        parts.append(part)
+    source = "the centroid index of " + ", ".join(f"{n} ({files.get(n, 'built in memory')})" for n in names)
+    index = CentroidIndex.concatenate(parts).aligned_to(records, source=source, dataset=f"{group} {names}")
+    if not len(index):
+        raise ValueError(
+            f"{source} holds no regions of >= {cs.MIN_AREA} pixels (DATALOADER.CENTROID_SAMPLING.MIN_AREA)"
+        )
+    return index
+
+
+def _index_files(cfg, known):
+    files = {}
+    for entry in cfg.DATALOADER.CENTROID_SAMPLING.INDEX_FILES:
+        if len(entry) != 2:
+            raise ValueError(
+                f"DATALOADER.CENTROID_SAMPLING.INDEX_FILES: expected [DATASET_NAME, FILE] pairs, got {entry!r}"
+            )
+        name, path = entry
+        if name not in known:
+            raise ValueError(f"DATALOADER.CENTROID_SAMPLING.INDEX_FILES names dataset {name!r}, which is not a training "
+                             f"dataset (DATASETS.TRAIN / TRAIN_PSEUDO: {sorted(known)})")
+        files[name] = os.path.expanduser(path)
+    return files
+
+
+def build_sample_plan(cfg, real_names, real_dicts, pseudo_names=(), pseudo_dicts=()):
+    """The training stream's sample plan: a plain per-epoch permutation of the real dicts, or (with
+    pseudo datasets, REAL_REPEAT > 1 or centroid sampling) a ``MixedPlan`` over ``real_dicts + pseudo_dicts``."""
+    dl, cs = cfg.DATALOADER, cfg.DATALOADER.CENTROID_SAMPLING
+    if not real_dicts:
+        raise ValueError("DATASETS.TRAIN has no images: the pseudo samples per epoch are counted per real sample "
+                         "(DATALOADER.PSEUDO_RATIO); to train on pseudo labels alone, put them in DATASETS.TRAIN")
+    if not (pseudo_names or dl.REAL_REPEAT > 1 or cs.ENABLED):
+        return PermutationPlan(len(real_dicts))
+    if cs.APPLY_TO not in ("pseudo", "all"):
+        raise ValueError(f"DATALOADER.CENTROID_SAMPLING.APPLY_TO must be 'pseudo' or 'all', got {cs.APPLY_TO!r}")
+    real_index = pseudo_index = None
+    known = set(real_names) | set(pseudo_names)
+    if cs.ENABLED:
+        if not cfg.INPUT.CROP.ENABLED:
+            raise ValueError("DATALOADER.CENTROID_SAMPLING.ENABLED needs INPUT.CROP.ENABLED: it crops around centroids")
+        if not 0 <= cs.JITTER < 0.5:
+            raise ValueError(f"DATALOADER.CENTROID_SAMPLING.JITTER must be in [0, 0.5) (the centroid stays in the "
+                             f"crop), got {cs.JITTER}")
+        if cs.APPLY_TO == "all":
+            real_index = _centroid_index(cfg, real_names, real_dicts, "DATASETS.TRAIN", known)
+        if pseudo_names:
+            pseudo_index = _centroid_index(cfg, pseudo_names, pseudo_dicts, "DATASETS.TRAIN_PSEUDO", known)
+        elif cs.APPLY_TO == "pseudo":
+            logger.warning("DATALOADER.CENTROID_SAMPLING.ENABLED with APPLY_TO 'pseudo' but no DATASETS.TRAIN_PSEUDO: "
+                           "nothing is drawn by centroids")
+    plan = MixedPlan(len(real_dicts), len(pseudo_dicts), pseudo_ratio=dl.PSEUDO_RATIO, real_repeat=dl.REAL_REPEAT,
+                     real_centroids=real_index, pseudo_centroids=pseudo_index)
+    logger.info(
+        f"Training epoch: {plan.num_real_samples} real samples ({len(real_dicts)} images x {dl.REAL_REPEAT}"
+        f"{', centroid sampling' if real_index is not None else ''}) + {plan.num_pseudo_samples} pseudo samples "
+        f"(from {len(pseudo_dicts)} images{', centroid sampling' if pseudo_index is not None else ''})"
+    )
+    return plan
+
+
 def build_train_loader(cfg, mapper=None, dataset_names=None, seed=None):
-    """A DataLoader of per-rank training batches from ``cfg.DATASETS.TRAIN`` (or ``dataset_names``)."""
+    """A DataLoader of per-rank training batches from ``cfg.DATASETS.TRAIN`` (or ``dataset_names``), plus
+    the pseudo-labelled ``cfg.DATASETS.TRAIN_PSEUDO`` mixed in per ``build_sample_plan``."""
     names = list(dataset_names or cfg.DATASETS.TRAIN)
-    dicts = get_detection_dataset_dicts(names, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+    pseudo_names = list(cfg.DATASETS.TRAIN_PSEUDO)
+    filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+    dicts = get_detection_dataset_dicts(names, filter_empty=filter_empty) if names else []
+    pseudo = get_detection_dataset_dicts(pseudo_names, filter_empty=filter_empty) if pseudo_names else []
+    plan = build_sample_plan(cfg, names, dicts, pseudo_names, pseudo)
     mapper = mapper if mapper is not None else build_mapper(cfg, is_train=True)
+    if cfg.DATALOADER.CENTROID_SAMPLING.ENABLED and not getattr(mapper, "supports_crop_center", False):
+        logger.warning(f"DATALOADER.CENTROID_SAMPLING.ENABLED, but the mapper {type(mapper).__name__} ignores crop "
+                       "centres: samples are drawn by centroid, but not cropped around it")
     world = comm.get_world_size()
     if seed is None:
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
     stream = SeededTrainStream(
-        dicts, mapper, _per_rank_batch(cfg.SOLVER.IMS_PER_BATCH, world), seed=seed,
+        dicts + pseudo, mapper, _per_rank_batch(cfg.SOLVER.IMS_PER_BATCH, world), seed=seed,
         rank=comm.get_rank(), world_size=world, skip_unreadable=cfg.DATALOADER.SKIP_UNREADABLE,
-        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING, plan=plan,
     )
     return torchdata.DataLoader(
         stream, batch_size=None, num_workers=cfg.DATALOADER.NUM_WORKERS,

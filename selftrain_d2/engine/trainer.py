@@ -11,7 +11,6 @@ import logging
 import os
 import weakref
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.utils import comm
@@ -22,6 +21,7 @@ from ..data.build import SeededTrainStream, build_test_loader, build_train_loade
 from ..evaluation import build_evaluator
 from ..solver import build_optimizer
 from ..utils.io import atomic_write_json
+from .checkpoint import build_checkpointer
 from .ddp import wrap_ddp
 from .hooks import StepSeeder
 
@@ -51,7 +51,8 @@ class Trainer(DefaultTrainer):
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        # MODEL.CLASS_TRANSFER: class rows remapped by name when starting from other classes' weights.
+        self.checkpointer = build_checkpointer(cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg

@@ -141,6 +141,8 @@ class SetCriterion(nn.Module):
         list of such dicts}; targets: list of B dicts {"labels": int64 [N], "masks": [N, H', W']}."""
         final = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         num_masks = average_num_masks(targets, outputs["pred_logits"].device)
+        # Boolean masks become float once here rather than in every layer's matching and mask loss.
+        targets = [t if t["masks"].dtype == torch.float32 else {**t, "masks": t["masks"].float()} for t in targets]
         losses = self.layer_losses(final, targets, num_masks)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in self.layer_losses(aux, targets, num_masks).items()})

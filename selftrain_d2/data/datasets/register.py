@@ -78,20 +78,26 @@ def _entries(cfg, key, length, fields):
 
 
 def register_from_cfg(cfg):
-    """Register ``cfg.DATASETS.IMAGE_FOLDERS`` and ``cfg.DATASETS.SPLITS``; returns all their names.
+    """Register ``cfg.DATASETS.IMAGE_FOLDERS``, ``PSEUDO_LABELS`` and ``SPLITS``; returns all their names.
 
-    Folders first, so that a split may take a folder dataset as its base. Idempotent: calling it again with
-    the same config registers nothing new.
+    Folders and pseudo labels first, so that a split may take one of them as its base. Idempotent: calling it
+    again with the same config registers nothing new.
     """
     from .image_folder import register_image_folder
     from .splits import register_split
 
     folders = _entries(cfg, "IMAGE_FOLDERS", 2, ("NAME", "FOLDER"))
+    pseudo = _entries(cfg, "PSEUDO_LABELS", 2, ("NAME", "DIR"))
     splits = _entries(cfg, "SPLITS", 3, ("NEW_NAME", "BASE_DATASET", "SPLIT_FILE"))
     names = []
     for name, folder in folders:
         register_image_folder(name, folder)
         names.append(name)
+    if pseudo:
+        from ...pseudo_labels.generate import register_pseudo_label_dataset
+
+        for name, folder in pseudo:
+            names.append(register_pseudo_label_dataset(name, folder))
     for new_name, base_name, split_file in splits:
         names.extend(register_split(new_name, base_name, split_file))
     return names

@@ -22,3 +22,4 @@ from . import semantic  # noqa: E402,F401  (registration on import)
 
 __all__ = ["MAPPER_REGISTRY", "build_mapper"]
 from . import mask_former  # noqa
+from . import views  # noqa

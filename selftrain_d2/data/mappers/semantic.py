@@ -1,6 +1,11 @@
-"""The semantic-segmentation mapper: image + train-id label map, DeepLab-style augmentation."""
+"""The semantic-segmentation mapper: image + train-id label map, DeepLab-style augmentation.
+
+A dataset dict with ``crop_center`` (y, x), in the original image's pixels (set by centroid sampling,
+``selftrain_d2.data.samplers``), is cropped around that point instead of at random.
+"""
 import copy
 
+import cv2
 import numpy as np
 import torch
 from detectron2.config import configurable
@@ -10,11 +15,124 @@ from detectron2.data import transforms as T
 from ..image_io import read_image, read_sem_seg
 from . import MAPPER_REGISTRY
 
-__all__ = ["SemanticMapper", "build_semantic_augmentations"]
+__all__ = [
+    "SemanticMapper",
+    "build_semantic_augmentations",
+    "CenteredAugInput",
+    "CentroidCrop",
+    "RandomGaussianBlur",
+    "RandomSaturation",
+]
+
+
+class CenteredAugInput(T.AugInput):
+    """An AugInput that also carries an optional crop centre (y, x), moved along by every transform."""
+
+    def __init__(self, image, *, sem_seg=None, crop_center=None):
+        super().__init__(image, sem_seg=sem_seg)
+        self.crop_center = None if crop_center is None else tuple(float(v) for v in crop_center)
+
+    def transform(self, tfm):
+        super().transform(tfm)
+        if self.crop_center is not None:
+            y, x = self.crop_center
+            # Pixel (y, x) covers [x, x + 1) x [y, y + 1): transform its middle.
+            (x, y), = tfm.apply_coords(np.array([[x + 0.5, y + 0.5]], np.float64)) - 0.5
+            self.crop_center = (float(y), float(x))
+
+
+class CentroidCrop(T.Augmentation):
+    """Crop of ``crop_type`` / ``crop_size`` (as T.RandomCrop) centred on the input's ``crop_center``
+    shifted by a uniform jitter of up to ``jitter`` x the crop size, kept inside the image. Inputs
+    without a centre get ``fallback``'s crop, drawing exactly the random numbers it would alone."""
+
+    def __init__(self, crop_type, crop_size, jitter, fallback):
+        super().__init__()
+        self.size_of = T.RandomCrop(crop_type, crop_size)
+        self.jitter = float(jitter)
+        self.fallback = fallback
+
+    def __call__(self, aug_input):
+        center = getattr(aug_input, "crop_center", None)
+        if center is None:
+            return self.fallback(aug_input)
+        tfm = self.get_transform(aug_input.image, center)
+        aug_input.transform(tfm)
+        return tfm
+
+    def get_transform(self, image, center):
+        h, w = image.shape[:2]
+        ch, cw = self.size_of.get_crop_size((h, w))
+        dy, dx = np.random.uniform(-self.jitter, self.jitter, size=2) * (ch, cw)
+        y0 = int(np.clip(np.floor(center[0] + 0.5 + dy - ch / 2), 0, h - ch))
+        x0 = int(np.clip(np.floor(center[1] + 0.5 + dx - cw / 2), 0, w - cw))
+        return T.CropTransform(x0, y0, cw, ch)
+
+
+class GaussianBlurTransform(T.Transform):
+    """cv2.GaussianBlur of the image with standard deviation ``sigma``; labels and points unchanged."""
+
+    def __init__(self, sigma):
+        super().__init__()
+        self.sigma = float(sigma)
+
+    def apply_image(self, img):
+        return cv2.GaussianBlur(img, (0, 0), self.sigma)
+
+    def apply_coords(self, coords):
+        return coords
+
+    def apply_segmentation(self, segmentation):
+        return segmentation
+
+    def inverse(self):
+        return T.NoOpTransform()
+
+
+class RandomGaussianBlur(T.Augmentation):
+    """With probability ``prob``, blur with a sigma drawn uniformly from ``sigma_range``."""
+
+    def __init__(self, prob, sigma_range):
+        super().__init__()
+        self.prob = float(prob)
+        self.sigma_range = tuple(float(s) for s in sigma_range)
+
+    def get_transform(self, image):
+        if np.random.rand() >= self.prob:
+            return T.NoOpTransform()
+        return GaussianBlurTransform(np.random.uniform(*self.sigma_range))
+
+
+class RandomSaturation(T.Augmentation):
+    """Blend with the grayscale image by a factor drawn from [intensity_min, intensity_max]; unlike
+    T.RandomSaturation it weighs the channels right for BGR input too."""
+
+    def __init__(self, intensity_min, intensity_max, image_format="RGB"):
+        super().__init__()
+        self.intensity_min, self.intensity_max = intensity_min, intensity_max
+        weights = [0.299, 0.587, 0.114]
+        self.weights = weights[::-1] if image_format == "BGR" else weights
+
+    def get_transform(self, image):
+        w = np.random.uniform(self.intensity_min, self.intensity_max)
+        grayscale = image.dot(self.weights)[:, :, np.newaxis]
+        return T.BlendTransform(src_image=grayscale, src_weight=1 - w, dst_weight=w)
+
+
+def _photometric_augmentations(cfg):
+    augs = []
+    s = cfg.INPUT.COLOR_JITTER
+    if s > 0:
+        augs += [T.RandomBrightness(1 - s, 1 + s), T.RandomContrast(1 - s, 1 + s),
+                 RandomSaturation(1 - s, 1 + s, cfg.INPUT.FORMAT)]
+    if cfg.INPUT.GAUSSIAN_BLUR > 0:
+        augs.append(RandomGaussianBlur(cfg.INPUT.GAUSSIAN_BLUR, cfg.INPUT.GAUSSIAN_BLUR_SIGMA))
+    return augs
 
 
 def build_semantic_augmentations(cfg, is_train):
-    """Resize by the shortest edge, then (training) a class-area-constrained crop and a flip."""
+    """Resize by the shortest edge, then (training) a class-area-constrained crop (or one around the
+    record's ``crop_center``), a flip and the optional colour jitter and Gaussian blur."""
     if not is_train:
         return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
     augs = [
@@ -23,14 +141,14 @@ def build_semantic_augmentations(cfg, is_train):
         )
     ]
     if cfg.INPUT.CROP.ENABLED:
-        augs.append(
-            T.RandomCrop_CategoryAreaConstraint(
-                cfg.INPUT.CROP.TYPE,
-                cfg.INPUT.CROP.SIZE,
-                cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
-                cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-            )
+        area_crop = T.RandomCrop_CategoryAreaConstraint(
+            cfg.INPUT.CROP.TYPE,
+            cfg.INPUT.CROP.SIZE,
+            cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
+            cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
         )
+        jitter = cfg.DATALOADER.CENTROID_SAMPLING.JITTER
+        augs.append(CentroidCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE, jitter, fallback=area_crop))
     if cfg.INPUT.RANDOM_FLIP != "none":
         augs.append(
             T.RandomFlip(
@@ -38,7 +156,7 @@ def build_semantic_augmentations(cfg, is_train):
                 vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
             )
         )
-    return augs
+    return augs + _photometric_augmentations(cfg)
 
 
 @MAPPER_REGISTRY.register("semantic")
@@ -48,6 +166,8 @@ class SemanticMapper:
     Label maps are checked against the class count, so a PNG with foreign ids fails with its name.
     At test time the label is not read: Detectron2's evaluators read the ground truth themselves.
     """
+
+    supports_crop_center = True  # training crops around a record's "crop_center" (centroid sampling)
 
     @configurable
     def __init__(self, *, is_train, augmentations, image_format, num_classes, ignore_label):
@@ -79,7 +199,8 @@ class SemanticMapper:
                     f"label map {dataset_dict['sem_seg_file_name']} is {sem_seg.shape[::-1]} (WxH) but image "
                     f"{record['file_name']} is {image.shape[1::-1]}"
                 )
-        aug_input = T.AugInput(image, sem_seg=sem_seg)
+        center = record.get("crop_center") if self.is_train else None
+        aug_input = CenteredAugInput(image, sem_seg=sem_seg, crop_center=center)
         self.augmentations(aug_input)
         image = aug_input.image
         record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))

@@ -1,5 +1,7 @@
 """Meta-architectures registered in Detectron2's META_ARCH_REGISTRY: "MaskFormer" (the reference's
-name) and the task-fixed variants "Mask2FormerSemantic" / "Mask2FormerInstance"."""
+name) and the task-fixed variants "Mask2FormerSemantic" / "Mask2FormerInstance"; "FastSCNN", the real-time
+semantic student; "PSPNet", the knowledge-distillation teacher and students."""
+from .fast_scnn import FastSCNN
 from .mask_former import (
     Mask2FormerInstance,
     Mask2FormerSemantic,
@@ -8,9 +10,13 @@ from .mask_former import (
     mask_former_weight_dict,
     semantic_targets,
 )
+from .pspnet import PSPNet, dilate_backbone
 from .postprocess import instance_inference, masks_to_boxes, panoptic_inference, semantic_inference
 
 __all__ = [
+    "PSPNet",
+    "dilate_backbone",
+    "FastSCNN",
     "MaskFormer",
     "Mask2FormerSemantic",
     "Mask2FormerInstance",

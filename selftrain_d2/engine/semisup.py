@@ -1,0 +1,356 @@
+"""Online teacher-student training (guided distillation, after "Guided Distillation for
+Semi-Supervised Instance Segmentation").
+
+Every step the student learns from a labeled batch (supervised loss); every ``SEMISUP.UNLABELED_PERIOD``
+steps also from an unlabeled batch: the teacher predicts on its weak views under ``no_grad``, the
+registered pseudo-label filters turn that into targets, and the student's loss on the strong views
+is added with weight ``SEMISUP.UNSUP_LOSS_WEIGHT`` (lambda_u). Which teacher labels iteration ``i``
+is a function of ``i`` alone (:class:`TeacherSchedule`):
+
+- ``i < BURN_IN_ITERS``: "guided" mode: the fixed teacher of ``SEMISUP.TEACHER.WEIGHTS``; "plain" mode:
+  none (labeled-only burn-in, the baseline the paper compares to);
+- ``i == BURN_IN_ITERS``: the teacher takes the student's weights, then after every step follows the
+  student as an EMA (``SEMISUP.EMA_DECAY``).
+
+The teacher is a named checkpointable ("teacher"), outside DDP and the optimizer, so ``--resume``
+continues mid-burn-in or mid-EMA from the same state; the unlabeled stream is a second seeded
+stream whose batch ``k`` is a pure function of (seed, k), like the labeled one.
+"""
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+import torch.utils.data as torchdata
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import get_detection_dataset_dicts
+from detectron2.engine import HookBase, SimpleTrainer, hooks
+from detectron2.modeling import build_model
+from detectron2.structures import Instances
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+
+from ..data.build import SeededTrainStream, mix_seed
+from ..data.mappers import MAPPER_REGISTRY
+from ..teacher import FrozenTeacher, PseudoLabeler, copy_weights_, ema_update_
+from .ddp import unwrap_ddp
+from .trainer import Trainer
+
+__all__ = [
+    "SemiSupervisedTrainer",
+    "SemiSupervisedStep",
+    "TeacherSchedule",
+    "build_unlabeled_loader",
+    "check_finite_losses",
+    "evaluate_student_teacher",
+]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("guided", "plain")
+EVAL_MODELS = ("STUDENT", "TEACHER", "BOTH")
+
+
+def build_unlabeled_loader(cfg, seed):
+    """Batches of weak/strong views of ``DATASETS.TRAIN_UNLABELED`` (``SEMISUP.UNLABELED_MAPPER_NAME``):
+    a :class:`SeededTrainStream` of its own, seeded from (``seed``, ``SEMISUP.UNLABELED_SEED_OFFSET``)."""
+    ss = cfg.SEMISUP
+    names = list(cfg.DATASETS.TRAIN_UNLABELED)
+    if not names:
+        raise ValueError("SemiSupervisedTrainer needs unlabeled images: DATASETS.TRAIN_UNLABELED is empty")
+    dicts = get_detection_dataset_dicts(names, filter_empty=False)
+    if ss.UNLABELED_MAPPER_NAME not in MAPPER_REGISTRY:
+        raise KeyError(f"SEMISUP.UNLABELED_MAPPER_NAME: no mapper {ss.UNLABELED_MAPPER_NAME!r}; registered: "
+                       f"{sorted(k for k, _ in MAPPER_REGISTRY)}")
+    mapper = MAPPER_REGISTRY.get(ss.UNLABELED_MAPPER_NAME)(cfg, True)
+    world = comm.get_world_size()
+    if ss.UNLABELED_IMS_PER_BATCH % world or ss.UNLABELED_IMS_PER_BATCH <= 0:
+        raise ValueError(f"SEMISUP.UNLABELED_IMS_PER_BATCH={ss.UNLABELED_IMS_PER_BATCH} must be a positive multiple "
+                         f"of the {world} processes")
+    stream = SeededTrainStream(
+        dicts, mapper, ss.UNLABELED_IMS_PER_BATCH // world, seed=mix_seed(seed, ss.UNLABELED_SEED_OFFSET),
+        rank=comm.get_rank(), world_size=world, skip_unreadable=cfg.DATALOADER.SKIP_UNREADABLE,
+    )
+    return torchdata.DataLoader(
+        stream, batch_size=None, num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=None,
+        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def check_finite_losses(loss_dict, iteration):
+    """Raise FloatingPointError naming the first non-finite loss term and the iteration (one sync)."""
+    if not loss_dict:
+        return
+    values = torch.stack([v.detach().float().reshape(()) for v in loss_dict.values()])
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    name, value = next((k, float(v)) for (k, v), ok in zip(loss_dict.items(), finite.tolist()) if not ok)
+    raise FloatingPointError(f"Loss term {name!r} is {value} at iteration {iteration}: training stopped. "
+                             f"All loss terms: { {k: round(float(v), 4) for k, v in loss_dict.items()} }")
+
+
+class TeacherSchedule(HookBase):
+    """Which teacher labels the unlabeled batch of each iteration, and the teacher's updates.
+
+    Holds no phase state of its own: everything follows from the iteration, ``burn_in_iters`` and
+    ``mode``, so a resumed run (whose teacher weights come from the checkpoint) repeats the original.
+    """
+
+    def __init__(self, *, teacher, guide, mode, burn_in_iters, decay):
+        if mode not in MODES:
+            raise ValueError(f"SEMISUP.MODE must be one of {MODES}, got {mode!r}")
+        self.teacher = teacher  # the student's architecture: copied at burn_in_iters, then EMA
+        self.guide = guide  # the fixed burn-in teacher (may be ``teacher`` itself); None in plain mode
+        self.mode = mode
+        self.burn_in_iters = int(burn_in_iters)
+        self.decay = float(decay)
+
+    def in_burn_in(self, iteration):
+        return iteration < self.burn_in_iters
+
+    def teacher_at(self, iteration):
+        """The FrozenTeacher labelling iteration ``iteration``'s unlabeled batch, or None (plain burn-in)."""
+        if self.in_burn_in(iteration):
+            return self.guide if self.mode == "guided" else None
+        return self.teacher
+
+    def before_step(self):
+        if self.trainer.iter == self.burn_in_iters:
+            copy_weights_(self.teacher.model, self.trainer.model)
+            logger.info(f"Iteration {self.trainer.iter}: end of burn-in, the teacher takes the student's weights "
+                        f"and follows them with EMA decay {self.decay}")
+        if self.trainer.iter >= self.burn_in_iters and self.guide is not self.teacher:
+            self.guide = None  # a separate burn-in teacher is not needed any more
+
+    def after_step(self):
+        if self.trainer.iter >= self.burn_in_iters:
+            ema_update_(self.teacher.model, self.trainer.model, self.decay)
+
+
+class SemiSupervisedStep(SimpleTrainer):
+    """One training step: supervised loss on a labeled batch, plus lambda_u x the loss on the strong
+    views of an unlabeled batch against the teacher's pseudo labels for the weak views."""
+
+    def __init__(self, model, data_loader, optimizer, *, unlabeled_loader, labeler, schedule, unsup_weight,
+                 unlabeled_period, amp=False, grad_scaler=None):
+        super().__init__(model, data_loader, optimizer)
+        if unlabeled_period < 1:
+            raise ValueError(f"SEMISUP.UNLABELED_PERIOD must be >= 1, got {unlabeled_period}")
+        self.unlabeled_loader = unlabeled_loader
+        self.labeler = labeler
+        self.schedule = schedule
+        self.unsup_weight = float(unsup_weight)
+        self.unlabeled_period = int(unlabeled_period)
+        self.amp = amp
+        if amp and grad_scaler is None:
+            grad_scaler = torch.amp.GradScaler("cuda")
+        self.grad_scaler = grad_scaler
+        self._unlabeled_iter = None
+        self._unlabeled_next = None  # index of the batch the iterator gives next
+
+    def reset_unlabeled(self, seed=None):
+        """Forget the unlabeled iterator (the next draw starts at the batch its iteration asks for)."""
+        if seed is not None:
+            self.unlabeled_loader.dataset.seed = seed
+        self._unlabeled_iter = self._unlabeled_next = None
+
+    def _unlabeled_batch(self, iteration):
+        # Batch k = iteration // period, whatever ran before: plain burn-in skips batches, resume starts late.
+        index = iteration // self.unlabeled_period
+        if self._unlabeled_iter is None or self._unlabeled_next != index:
+            self.unlabeled_loader.dataset.set_start_iter(index)
+            self._unlabeled_iter = iter(self.unlabeled_loader)
+        batch = next(self._unlabeled_iter)
+        self._unlabeled_next = index + 1
+        return batch
+
+    def _autocast(self):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.autocast(device_type=device, enabled=self.amp)
+
+    def student_inputs(self, unlabeled, targets):
+        """Strong views with the pseudo labels as training targets."""
+        inputs = []
+        for record, target in zip(unlabeled, targets):
+            x = {"image": record["image_strong"]}
+            if self.labeler.targets == "semantic":
+                x["sem_seg"] = target
+            else:
+                inst = Instances(tuple(record["image_strong"].shape[-2:]))
+                inst.gt_classes = target["labels"]
+                inst.gt_masks = target["masks"]
+                x["instances"] = inst
+            inputs.append(x)
+        return inputs
+
+    def unsupervised_losses(self, teacher, unlabeled):
+        """``{name + "_unsup": lambda_u x loss}`` of the student on the strong views; zeros (still in
+        the graph) when the teacher left no pseudo label in this process's batch."""
+        with torch.no_grad(), self._autocast():
+            outputs, pad_size, sizes = teacher.predict([{"image": r["image"]} for r in unlabeled])
+        targets = self.labeler(outputs, pad_size, sizes)
+        empty = [self.labeler.is_empty(t) for t in targets]
+        storage = get_event_storage()
+        if self.labeler.targets == "instance":
+            storage.put_scalar("semisup/pseudo_objects_per_image", float(np.mean([len(t["labels"]) for t in targets])))
+        storage.put_scalar("semisup/empty_pseudo_label_share", float(np.mean(empty)))
+        with self._autocast():
+            losses = self.model(self.student_inputs(unlabeled, targets))
+        # The forward runs even when all are empty, so every process makes the same collective calls.
+        weight = 0.0 if all(empty) else self.unsup_weight
+        return {f"{k}_unsup": v * weight for k, v in losses.items()}
+
+    def run_step(self):
+        assert self.model.training, "[SemiSupervisedStep] the student was put in eval mode"
+        start = time.perf_counter()
+        labeled = next(self._data_loader_iter)
+        teacher = None
+        if self.iter % self.unlabeled_period == 0:
+            teacher = self.schedule.teacher_at(self.iter)
+        unlabeled = self._unlabeled_batch(self.iter) if teacher is not None else None
+        data_time = time.perf_counter() - start
+
+        with self._autocast():
+            loss_dict = dict(self.model(labeled))
+        if teacher is not None:
+            loss_dict.update(self.unsupervised_losses(teacher, unlabeled))
+        check_finite_losses(loss_dict, self.iter)
+        losses = sum(loss_dict.values())
+
+        self.optimizer.zero_grad()
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(losses).backward()
+        else:
+            losses.backward()
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if self.grad_scaler is not None:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+def _eval_model_choice(cfg):
+    which = str(cfg.SEMISUP.EVAL_MODEL).upper()
+    if which not in EVAL_MODELS:
+        raise ValueError(f"SEMISUP.EVAL_MODEL must be one of {EVAL_MODELS}, got {cfg.SEMISUP.EVAL_MODEL!r}")
+    return which
+
+
+def evaluate_student_teacher(trainer_cls, cfg, student, teacher_model):
+    """``SEMISUP.EVAL_MODEL``'s evaluator results: the student's or the teacher's; for BOTH the
+    student's, with the teacher's beside them under keys prefixed ``teacher/``."""
+    which = _eval_model_choice(cfg)
+    if which == "TEACHER":
+        return trainer_cls.test(cfg, teacher_model)
+    results = trainer_cls.test(cfg, student)
+    if which == "BOTH":
+        results = dict(results)
+        results.update({f"teacher/{k}": v for k, v in trainer_cls.test(cfg, teacher_model).items()})
+    return results
+
+
+class SemiSupervisedTrainer(Trainer):
+    """The Trainer with a teacher: guided (or plain) burn-in, then an EMA teacher. Chosen with
+    ``SELFTRAIN.TRAINER: SemiSupervisedTrainer``; settings under ``SEMISUP``."""
+
+    def build_hooks(self):
+        # Trainer.__init__ calls this last, once the student, its optimizer, the labeled loader and the
+        # checkpointer exist: the teacher and the semi-supervised step are set up first, then their hooks.
+        self._build_semisup()
+        ret = super().build_hooks()
+        for i, h in enumerate(ret):
+            if isinstance(h, hooks.EvalHook):
+                ret[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_and_save_results)
+        # The teacher update runs after the optimizer step and before checkpointing and evaluation.
+        at = next((i for i, h in enumerate(ret) if isinstance(h, (hooks.PreciseBN, hooks.PeriodicCheckpointer,
+                                                                   hooks.EvalHook, hooks.PeriodicWriter))), len(ret))
+        ret.insert(at, self.schedule)
+        return ret
+
+    def _build_semisup(self):
+        cfg, ss = self.cfg, self.cfg.SEMISUP
+        _eval_model_choice(cfg)
+        if ss.MODE not in MODES:
+            raise ValueError(f"SEMISUP.MODE must be one of {MODES}, got {ss.MODE!r}")
+        student = unwrap_ddp(self._trainer.model)
+        self.teacher = FrozenTeacher(build_model(cfg))
+        guide = None
+        if ss.MODE == "guided" and ss.BURN_IN_ITERS > 0:
+            if not ss.TEACHER.WEIGHTS:
+                raise ValueError("SEMISUP.MODE 'guided' with BURN_IN_ITERS > 0 needs SEMISUP.TEACHER.WEIGHTS: the "
+                                 "checkpoint of a teacher trained on the labeled split (tools/train_net.py)")
+            guide = self.teacher if not ss.TEACHER.CONFIG else FrozenTeacher(build_model(self._guide_config()))
+            if guide.model.sem_seg_head.num_classes != student.sem_seg_head.num_classes:
+                raise ValueError(f"SEMISUP.TEACHER.CONFIG {ss.TEACHER.CONFIG} has "
+                                 f"{guide.model.sem_seg_head.num_classes} classes, the student "
+                                 f"{student.sem_seg_head.num_classes}")
+        self.schedule = TeacherSchedule(teacher=self.teacher, guide=guide, mode=ss.MODE,
+                                        burn_in_iters=ss.BURN_IN_ITERS, decay=ss.EMA_DECAY)
+        self._trainer = SemiSupervisedStep(
+            self._trainer.model, self._trainer.data_loader, self._trainer.optimizer,
+            unlabeled_loader=build_unlabeled_loader(cfg, self.run_seed), labeler=PseudoLabeler(cfg),
+            schedule=self.schedule, unsup_weight=ss.UNSUP_LOSS_WEIGHT, unlabeled_period=ss.UNLABELED_PERIOD,
+            amp=cfg.SOLVER.AMP.ENABLED,
+        )
+        self.checkpointer.add_checkpointable("teacher", self.teacher)
+
+    def _guide_config(self):
+        from ..config import load_config
+
+        tcfg = load_config(self.cfg.SEMISUP.TEACHER.CONFIG)
+        tcfg.MODEL.DEVICE = self.cfg.MODEL.DEVICE
+        tcfg.freeze()
+        return tcfg
+
+    def _load_guide(self):
+        guide, path = self.schedule.guide, self.cfg.SEMISUP.TEACHER.WEIGHTS
+        if guide is None:
+            return
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"SEMISUP.TEACHER.WEIGHTS: no checkpoint at {path}")
+        logger.info(f"Loading the burn-in teacher from {path}")
+        DetectionCheckpointer(guide.model).load(path, checkpointables=[])
+        guide.model.eval()
+
+    def resume_or_load(self, resume=True):
+        # The burn-in teacher's weights first: a checkpoint of this run, when resuming, then replaces them.
+        self._load_guide()
+        super().resume_or_load(resume=resume)
+        self._trainer.reset_unlabeled(seed=mix_seed(self.run_seed, self.cfg.SEMISUP.UNLABELED_SEED_OFFSET))
+
+    def _test_and_save_results(self):
+        self._last_eval_results = evaluate_student_teacher(type(self), self.cfg, self.model, self.teacher.model)
+        return self._last_eval_results
+
+    @classmethod
+    def eval_only(cls, cfg, resume=False):
+        """``--eval-only``: the student and / or the teacher of a checkpoint of this trainer (MODEL.WEIGHTS,
+        or the last checkpoint of OUTPUT_DIR with ``resume``), as ``SEMISUP.EVAL_MODEL`` says."""
+        which = _eval_model_choice(cfg)
+        student = cls.build_model(cfg)
+        teacher = FrozenTeacher(build_model(cfg))
+        checkpointer = DetectionCheckpointer(student, save_dir=cfg.OUTPUT_DIR, teacher=teacher)
+        path = checkpointer.get_checkpoint_file() if resume and checkpointer.has_checkpoint() else cfg.MODEL.WEIGHTS
+        if not path:
+            raise ValueError("--eval-only of SemiSupervisedTrainer needs MODEL.WEIGHTS (a checkpoint of the run) or --resume")
+        if which != "STUDENT" and "teacher" not in checkpointer._load_file(path):
+            raise KeyError(f"{path} holds no 'teacher' (SEMISUP.EVAL_MODEL {which}): give a checkpoint written by "
+                           "SemiSupervisedTrainer, or SEMISUP.EVAL_MODEL STUDENT")
+        checkpointer.load(path)
+        return evaluate_student_teacher(cls, cfg, student, teacher.model)

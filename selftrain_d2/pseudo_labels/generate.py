@@ -1,0 +1,556 @@
+"""Offline pseudo labelling: a teacher labels a registered dataset or an image folder, sharded and resumable.
+
+Output folder layout::
+
+    meta.json            task, classes, ignore label, the settings used and the teacher (written first;
+                         a resumed run must use the same settings)
+    labels/KEY.png       semantic hard labels (train ids, ignore where the confidence is under the threshold)
+    confidence/KEY.png   top class probability as round(p * 255) (PSEUDO_LABELS.SAVE_CONFIDENCE)
+    soft/KEY.npz         top-k class probabilities (PSEUDO_LABELS.FORMAT "soft")
+    instances/KEY.json   instance predictions of one image (COCO annotations with RLE masks and scores)
+    progress/rankR.jsonl one line per finished image, appended and fsync'ed by rank R
+    report.json          images, written, already_done, skipped [{file, error}], seconds (of the whole call),
+                         images_per_s (images written / seconds spent labelling, slowest rank)
+    dataset.json         Detectron2 dataset dicts of the labelled images (registered by DATASETS.PSEUDO_LABELS)
+    instances.json       COCO-format predictions of all images (instance task)
+
+KEY is :func:`selftrain_d2.data.records.image_key` of the input record. Each rank takes the inputs whose index
+``% world_size == rank``; an image counts as finished once it is in a progress file and its files exist, so a
+killed run redoes at most the images in flight, and a rerun writes nothing.
+"""
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
+from detectron2.utils import comm
+
+from ..data.image_io import UnreadableImageError, read_image
+from ..data.records import image_key
+from ..utils.io import atomic_write_json
+from . import storage
+from .tta import multi_scale_flip, sliding_window
+
+__all__ = [
+    "generate_pseudo_labels", "register_teacher_output", "teacher_output", "scores_to_probabilities",
+    "load_input_records", "register_pseudo_label_dataset", "load_pseudo_label_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+# meta-architecture -> (task, what its per-pixel "sem_seg" output holds: "logits" or non-negative "scores").
+_TEACHER_OUTPUTS = {
+    "SemanticSegmentor": ("semantic", "logits"),
+    "Mask2FormerSemantic": ("semantic", "scores"),
+    "Mask2FormerInstance": ("instance", None),
+}
+_KINDS = ("logits", "scores")
+
+
+def register_teacher_output(meta_architecture, task, scores=None):
+    """Declare how a meta-architecture's predictions become pseudo labels.
+
+    ``task`` "semantic" (its output's ``sem_seg`` [C, H, W] holds ``scores``: "logits", turned into
+    probabilities with a softmax, or non-negative "scores", normalised over classes) or "instance" (its
+    output's ``instances``).
+    """
+    if task not in ("semantic", "instance"):
+        raise ValueError(f"teacher task must be 'semantic' or 'instance', got {task!r}")
+    if task == "semantic" and scores not in _KINDS:
+        raise ValueError(f"semantic teacher {meta_architecture!r}: scores must be one of {_KINDS}, got {scores!r}")
+    _TEACHER_OUTPUTS[meta_architecture] = (task, scores if task == "semantic" else None)
+
+
+def teacher_output(cfg):
+    """``(task, scores)`` of the teacher ``cfg.MODEL.META_ARCHITECTURE`` (see :func:`register_teacher_output`)."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch == "MaskFormer":  # the generic meta-arch does what MODEL.MASK_FORMER.TEST asks
+        if cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON:
+            return "semantic", "scores"
+        if cfg.MODEL.MASK_FORMER.TEST.INSTANCE_ON:
+            return "instance", None
+        raise ValueError(
+            "MODEL.META_ARCHITECTURE MaskFormer with neither MODEL.MASK_FORMER.TEST.SEMANTIC_ON nor INSTANCE_ON "
+            "gives no output to pseudo-label from"
+        )
+    if arch not in _TEACHER_OUTPUTS:
+        known = ", ".join(sorted(list(_TEACHER_OUTPUTS) + ["MaskFormer"]))
+        raise ValueError(
+            f"MODEL.META_ARCHITECTURE {arch!r}: unknown how its predictions become pseudo labels (known: {known}); "
+            "declare it with selftrain_d2.pseudo_labels.register_teacher_output"
+        )
+    return _TEACHER_OUTPUTS[arch]
+
+
+def scores_to_probabilities(sem_seg, scores):
+    """Class probabilities ``[C, H, W]`` from a model's ``sem_seg`` output of kind ``scores``."""
+    sem_seg = sem_seg.float()
+    if scores == "logits":
+        return sem_seg.softmax(0)
+    if scores == "scores":
+        # MaskFormer: sum over queries of P(class) x mask probability; positive, but not normalised.
+        sem_seg = sem_seg.clamp(min=0)
+        return sem_seg / sem_seg.sum(0, keepdim=True).clamp(min=1e-12)
+    raise ValueError(f"unknown kind of semantic scores {scores!r}; expected one of {_KINDS}")
+
+
+# ---------------------------------------------------------------------------------------------------- input
+
+def load_input_records(source):
+    """``(records, metadata or None)``: a folder's images, or a registered dataset's dicts and metadata."""
+    from ..data.datasets.image_folder import load_image_folder
+
+    source = os.fspath(source)
+    if os.path.isdir(os.path.expanduser(source)):
+        folder = os.path.abspath(os.path.expanduser(source))
+        return load_image_folder(folder), None
+    if source in DatasetCatalog.list():
+        return DatasetCatalog.get(source), MetadataCatalog.get(source)
+    raise FileNotFoundError(
+        f"pseudo-label input {source!r} is neither an image folder nor a registered dataset "
+        "(register datasets with DATASETS.IMAGE_FOLDERS / DATASETS.SPLITS, or pass an existing folder)"
+    )
+
+
+def _keyed(records, source):
+    keyed, seen = [], {}
+    for record in records:
+        key = image_key(record)
+        parts = key.replace("\\", "/").split("/")
+        if not key or os.path.isabs(key) or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"input {source}: image {record['file_name']} has key {key!r}, unusable as a file name")
+        if key in seen:
+            raise ValueError(
+                f"input {source}: images {seen[key]} and {record['file_name']} share the key {key!r}; "
+                "pseudo-label file names would clash"
+            )
+        seen[key] = record["file_name"]
+        keyed.append((key, record))
+    return keyed
+
+
+def _classes(task, source_meta, cfg):
+    """Class names (and the dataset-id mapping for instances) from the input's metadata, else the teacher's
+    training data; numbered names when neither has them."""
+    field = "stuff_classes" if task == "semantic" else "thing_classes"
+    candidates = [source_meta] + [MetadataCatalog.get(n) for n in cfg.DATASETS.TRAIN if n in DatasetCatalog.list()]
+    for meta in candidates:
+        if meta is not None and meta.get(field, None):
+            return meta, list(meta.get(field))
+    num = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    logger.warning("No %s in the input's or the teacher's training metadata: naming %d classes by number", field, num)
+    return None, [str(i) for i in range(num)]
+
+
+# ---------------------------------------------------------------------------------------------------- layout
+
+class _Layout:
+    def __init__(self, root, settings):
+        self.root = root
+        self.settings = settings
+
+    def files(self, key):
+        """Files an image's labels consist of (all must exist for it to count as finished)."""
+        s, root = self.settings, self.root
+        if s["task"] == "instance":
+            return {"instances": os.path.join(root, "instances", key + ".json")}
+        files = {"label": os.path.join(root, "labels", key + ".png")}
+        if s["save_confidence"]:
+            files["confidence"] = os.path.join(root, "confidence", key + ".png")
+        if s["format"] == "soft":
+            files["soft"] = os.path.join(root, "soft", key + ".npz")
+        return files
+
+    def progress_file(self, rank):
+        return os.path.join(self.root, "progress", f"rank{rank}.jsonl")
+
+
+def _read_progress(root):
+    """key -> {"height", "width"} of every image recorded by any rank (complete lines only)."""
+    done = {}
+    folder = os.path.join(root, "progress")
+    if not os.path.isdir(folder):
+        return done
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".jsonl"):
+            continue
+        with open(os.path.join(folder, name), "r") as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    continue  # cut short by a kill
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                done[entry["key"]] = {"height": entry["height"], "width": entry["width"]}
+    return done
+
+
+class _ProgressLog:
+    """Append-only record of finished images; every line is flushed and fsync'ed before the next image."""
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._f = open(path, "a+")
+        self._f.seek(0, os.SEEK_END)
+        if self._f.tell() > 0:
+            self._f.seek(self._f.tell() - 1)
+            if self._f.read(1) != "\n":  # a line cut short by a kill: end it so the next one stands alone
+                self._f.write("\n")
+
+    def add(self, key, height, width):
+        self._f.write(json.dumps({"key": key, "height": int(height), "width": int(width)}) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self):
+        self._f.close()
+
+
+def _check_settings(root, meta):
+    """meta.json of an earlier run must have been written with the same settings and source."""
+    path = os.path.join(root, "meta.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    for field in ("task", "settings", "source", "teacher_weights", "teacher_meta_architecture"):
+        if previous.get(field) != meta.get(field):
+            raise ValueError(
+                f"{path}: this folder holds pseudo labels made with {field} = {previous.get(field)!r}, but this run "
+                f"asks for {meta.get(field)!r}; use another --output folder or delete this one"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------- labelling
+
+def _settings(cfg, task):
+    pl = cfg.PSEUDO_LABELS
+    if pl.FORMAT not in ("hard", "soft"):
+        raise ValueError(f"PSEUDO_LABELS.FORMAT must be 'hard' or 'soft', got {pl.FORMAT!r}")
+    if not 0.0 <= pl.THRESHOLD <= 1.0:
+        raise ValueError(f"PSEUDO_LABELS.THRESHOLD must lie in [0, 1], got {pl.THRESHOLD}")
+    if pl.SOFT_TOP_K < 1:
+        raise ValueError(f"PSEUDO_LABELS.SOFT_TOP_K must be >= 1, got {pl.SOFT_TOP_K}")
+    scales = [float(s) for s in pl.TTA.SCALES]
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"PSEUDO_LABELS.TTA.SCALES must be a non-empty list of positive scales, got {pl.TTA.SCALES}")
+    sw = pl.SLIDING_WINDOW
+    if sw.ENABLED and (len(sw.SIZE) != 2 or len(sw.STRIDE) != 2 or min(list(sw.SIZE) + list(sw.STRIDE)) < 1
+                       or any(st > si for st, si in zip(sw.STRIDE, sw.SIZE))):
+        raise ValueError(
+            f"PSEUDO_LABELS.SLIDING_WINDOW.SIZE {list(sw.SIZE)} and STRIDE {list(sw.STRIDE)} must be (height, width) "
+            "pairs of positive sizes, each stride at most the window size"
+        )
+    if task == "instance" and (scales != [1.0] or pl.TTA.FLIP or sw.ENABLED):
+        raise ValueError(
+            "PSEUDO_LABELS.TTA and PSEUDO_LABELS.SLIDING_WINDOW apply to semantic teachers only; "
+            f"{cfg.MODEL.META_ARCHITECTURE} predicts instances"
+        )
+    settings = {"task": task, "format": pl.FORMAT, "save_confidence": bool(pl.SAVE_CONFIDENCE)}
+    if task == "semantic":
+        settings.update(
+            threshold=float(pl.THRESHOLD), soft_top_k=int(pl.SOFT_TOP_K), tta_scales=scales, tta_flip=bool(pl.TTA.FLIP),
+            sliding_window=[list(sw.SIZE), list(sw.STRIDE)] if sw.ENABLED else None,
+            test_size=[cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST],
+        )
+    else:
+        settings.update(format="coco", save_confidence=False,
+                        instance_score_threshold=float(pl.INSTANCE_SCORE_THRESHOLD))
+    return settings
+
+
+def _model_input(image, cfg):
+    """CHW uint8 tensor of ``image`` resized as the test mapper does (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)."""
+    if cfg.INPUT.MIN_SIZE_TEST > 0:
+        resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+        image = resize.get_transform(image).apply_image(image)
+    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def semantic_probabilities(model, image, cfg, scores):
+    """float32 ``[C, H, W]`` class probabilities of ``image`` (HWC) at its own size, with the configured TTA."""
+    def predict(x):
+        out = model([{"image": x, "height": x.shape[-2], "width": x.shape[-1]}])[0]["sem_seg"]
+        return scores_to_probabilities(out, scores)
+
+    sw = cfg.PSEUDO_LABELS.SLIDING_WINDOW
+    # Padding with the pixel mean becomes 0 after the model's normalisation, like Detectron2's batch padding.
+    pad = list(cfg.MODEL.PIXEL_MEAN)
+    run = (lambda x: sliding_window(predict, x, sw.SIZE, sw.STRIDE, pad)) if sw.ENABLED else predict
+    tta = cfg.PSEUDO_LABELS.TTA
+    probs = multi_scale_flip(run, _model_input(image, cfg), tta.SCALES, tta.FLIP, out_size=image.shape[:2])
+    return probs.cpu().numpy()
+
+
+def instance_annotations(model, image, cfg, contiguous_to_dataset_id):
+    """COCO annotations (RLE masks, dataset category ids, scores) of the instances scoring at least
+    PSEUDO_LABELS.INSTANCE_SCORE_THRESHOLD, best first."""
+    from pycocotools import mask as mask_util
+
+    height, width = image.shape[:2]
+    instances = model([{"image": _model_input(image, cfg), "height": height, "width": width}])[0]["instances"]
+    instances = instances.to("cpu")
+    scores = instances.scores.float()
+    keep = torch.nonzero(scores >= cfg.PSEUDO_LABELS.INSTANCE_SCORE_THRESHOLD).flatten()
+    keep = keep[scores[keep].argsort(descending=True, stable=True)]
+    if len(keep) == 0:
+        return []
+    masks = (instances.pred_masks[keep] > 0.5).numpy().astype(np.uint8)
+    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    boxes, areas = mask_util.toBbox(rles), mask_util.area(rles)
+    annotations = []
+    for i, idx in enumerate(keep.tolist()):
+        contiguous = int(instances.pred_classes[idx])
+        annotations.append({
+            "category_id": int(contiguous_to_dataset_id.get(contiguous, contiguous)),
+            "segmentation": {"size": [height, width], "counts": rles[i]["counts"].decode("ascii")},
+            "score": float(scores[idx]),
+            "bbox": [float(v) for v in boxes[i]],
+            "area": float(areas[i]),
+            "iscrowd": 0,
+        })
+    return annotations
+
+
+def _write_semantic(files, probs, settings, ignore_label):
+    label, confidence = storage.hard_label_from_probs(probs, settings["threshold"], ignore_label)
+    if "soft" in files:
+        storage.write_soft_label(files["soft"], probs, settings["soft_top_k"])
+    if "confidence" in files:
+        storage.write_confidence(files["confidence"], confidence)
+    storage.write_hard_label(files["label"], label)
+
+
+def _build_teacher(cfg):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    if not cfg.MODEL.WEIGHTS:
+        raise ValueError("MODEL.WEIGHTS is empty: the teacher needs trained weights to make pseudo labels")
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return model
+
+
+def _progress_bar(total):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="pseudo labels", disable=not comm.is_main_process(), dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------------- main loop
+
+def generate_pseudo_labels(cfg, input, output_dir, model=None, teacher_config=None):
+    """Label the dataset or image folder ``input`` with the teacher of ``cfg`` into ``output_dir``.
+
+    Call it in every process of a (possibly single-process) launch. ``model``: an already built teacher
+    (weights loaded); by default it is built from ``cfg`` and ``MODEL.WEIGHTS``. ``teacher_config``: the
+    teacher's config file, recorded in meta.json. Returns the report (see the module docstring), the same
+    on every rank; rank 0 writes report.json, dataset.json (and instances.json) after all ranks finish.
+    """
+    started = time.perf_counter()
+    task, scores = teacher_output(cfg)
+    settings = _settings(cfg, task)
+    root = os.path.abspath(os.fspath(output_dir))
+    records, source_meta = load_input_records(input)
+    keyed = _keyed(records, input)
+    class_meta, classes = _classes(task, source_meta, cfg)
+    ignore_label = int(cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
+    id_map = dict(class_meta.get("thing_dataset_id_to_contiguous_id", {}) or {}) if class_meta is not None else {}
+    contiguous_to_dataset_id = {int(v): int(k) for k, v in id_map.items()}
+
+    weights = cfg.MODEL.WEIGHTS
+    meta = {
+        "task": task,
+        "source": os.path.abspath(os.path.expanduser(input)) if os.path.isdir(os.path.expanduser(input)) else input,
+        "settings": settings,
+        "teacher_config": os.path.abspath(teacher_config) if teacher_config else None,
+        "teacher_weights": os.path.abspath(weights) if os.path.exists(weights) else weights,
+        "teacher_meta_architecture": cfg.MODEL.META_ARCHITECTURE,
+    }
+    if task == "semantic":
+        meta.update(stuff_classes=classes, ignore_label=ignore_label, threshold=settings["threshold"])
+        for field in ("stuff_colors", "heldout_sem_seg_root"):
+            if source_meta is not None and source_meta.get(field, None) is not None:
+                meta[field] = source_meta.get(field)
+    else:
+        meta.update(thing_classes=classes, thing_dataset_id_to_contiguous_id={str(k): v for k, v in id_map.items()},
+                    instance_score_threshold=settings["instance_score_threshold"])
+        if class_meta is not None and class_meta.get("thing_colors", None) is not None:
+            meta["thing_colors"] = class_meta.get("thing_colors")
+    if comm.is_main_process():
+        _check_settings(root, meta)
+        atomic_write_json(os.path.join(root, "meta.json"), meta, indent=2)
+    comm.synchronize()
+
+    layout = _Layout(root, settings)
+    done = _read_progress(root)
+    rank, world_size = comm.get_rank(), comm.get_world_size()
+    shard = [kr for i, kr in enumerate(keyed) if i % world_size == rank]
+    todo = [(k, r) for k, r in shard
+            if not (k in done and all(os.path.exists(p) for p in layout.files(k).values()))]
+    already_done = len(shard) - len(todo)
+
+    if todo and model is None:
+        model = _build_teacher(cfg)
+    written, skipped = 0, []
+    log = _ProgressLog(layout.progress_file(rank))
+    bar = _progress_bar(len(todo))
+    loop_started = time.perf_counter()
+    try:
+        if model is not None:
+            model.eval()
+        with torch.no_grad():
+            for key, record in todo:
+                try:
+                    image = read_image(record["file_name"], cfg.INPUT.FORMAT)
+                except UnreadableImageError as e:
+                    skipped.append({"file": e.path, "error": e.reason})
+                    bar.update(1)
+                    continue
+                files = layout.files(key)
+                if task == "semantic":
+                    probs = semantic_probabilities(model, image, cfg, scores)
+                    if probs.shape[0] != len(classes):
+                        raise ValueError(
+                            f"the teacher predicts {probs.shape[0]} classes but the class list has {len(classes)} "
+                            f"({classes}); check MODEL.SEM_SEG_HEAD.NUM_CLASSES and the input's metadata"
+                        )
+                    _write_semantic(files, probs, settings, ignore_label)
+                else:
+                    annotations = instance_annotations(model, image, cfg, contiguous_to_dataset_id)
+                    atomic_write_json(files["instances"], {"annotations": annotations})
+                log.add(key, image.shape[0], image.shape[1])
+                written += 1
+                bar.update(1)
+    finally:
+        bar.close()
+        log.close()
+    loop_seconds = time.perf_counter() - loop_started
+
+    gathered = comm.all_gather(
+        {"written": written, "already_done": already_done, "skipped": skipped, "seconds": loop_seconds}
+    )
+    total_written = sum(g["written"] for g in gathered)
+    seconds = max(g["seconds"] for g in gathered)
+    report = {
+        "images": len(keyed),
+        "written": total_written,
+        "already_done": sum(g["already_done"] for g in gathered),
+        "skipped": sorted((s for g in gathered for s in g["skipped"]), key=lambda s: s["file"]),
+        "seconds": round(time.perf_counter() - started, 3),
+        "images_per_s": round(total_written / seconds, 3) if seconds > 0 and total_written else 0.0,
+    }
+    if comm.is_main_process():
+        _write_dataset(root, keyed, layout, task, id_map)
+        atomic_write_json(os.path.join(root, "report.json"), report, indent=2)
+        print(
+            f"Pseudo labels in {root}: {report['images']} images, {report['written']} written, "
+            f"{report['already_done']} already done, {len(report['skipped'])} unreadable images skipped"
+            + (" (listed in report.json)" if report["skipped"] else "")
+            + f", {report['images_per_s']} images/s"
+        )
+    comm.synchronize()
+    return report
+
+
+def _write_dataset(root, keyed, layout, task, id_map):
+    """dataset.json (and instances.json) for every input image recorded as finished, in input order."""
+    done = _read_progress(root)
+    dataset = []
+    coco_images, coco_annotations = [], []
+    dataset_to_contiguous = {int(k): int(v) for k, v in id_map.items()}
+    for index, (key, record) in enumerate(keyed):
+        if key not in done:
+            continue
+        files = layout.files(key)
+        entry = {"file_name": os.path.abspath(record["file_name"]), "image_id": key, **done[key]}
+        if task == "semantic":
+            entry["sem_seg_file_name"] = files["label"]
+            if "confidence" in files:
+                entry["confidence_file_name"] = files["confidence"]
+            if "soft" in files:
+                entry["soft_label_file_name"] = files["soft"]
+        else:
+            with open(files["instances"]) as f:
+                annotations = json.load(f)["annotations"]
+            coco_images.append({"id": index + 1, "file_name": entry["file_name"], "key": key, **done[key]})
+            entry["annotations"] = []
+            for ann in annotations:
+                coco_annotations.append({"id": len(coco_annotations) + 1, "image_id": index + 1, **ann})
+                entry["annotations"].append({
+                    "bbox": ann["bbox"], "bbox_mode": int(BoxMode.XYWH_ABS), "segmentation": ann["segmentation"],
+                    "category_id": dataset_to_contiguous.get(ann["category_id"], ann["category_id"]),
+                    "score": ann["score"], "iscrowd": 0,
+                })
+        dataset.append(entry)
+    atomic_write_json(os.path.join(root, "dataset.json"), dataset)
+    if task == "instance":
+        with open(os.path.join(root, "meta.json")) as f:
+            classes = json.load(f)["thing_classes"]
+        contiguous_to_dataset = {v: k for k, v in dataset_to_contiguous.items()}
+        categories = [{"id": contiguous_to_dataset.get(i, i), "name": name} for i, name in enumerate(classes)]
+        atomic_write_json(
+            os.path.join(root, "instances.json"),
+            {"images": coco_images, "annotations": coco_annotations, "categories": categories},
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- registration
+
+def _read_output_json(folder, name):
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"pseudo-label folder {folder} has no {name}; run tools/generate_pseudo_labels.py --output {folder} first"
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_pseudo_label_dataset(folder):
+    """The dataset dicts of a pseudo-label folder (its dataset.json; instance boxes get their BoxMode)."""
+    records = _read_output_json(folder, "dataset.json")
+    for record in records:
+        for ann in record.get("annotations", ()):
+            ann["bbox_mode"] = BoxMode(ann["bbox_mode"])
+    return records
+
+
+def register_pseudo_label_dataset(name, folder):
+    """Register the output folder of :func:`generate_pseudo_labels` as the training dataset ``name``.
+
+    Semantic labels get ``stuff_classes``, ``ignore_label`` and ``evaluator_type`` "sem_seg"; instance labels
+    ``thing_classes``, the dataset-id mapping and "coco". Registering the same name and folder again does nothing.
+    """
+    from ..data.datasets.register import expand_path, register_once
+
+    folder = expand_path(folder)
+    _read_output_json(folder, "dataset.json")
+    meta = _read_output_json(folder, "meta.json")
+    metadata = {"pseudo_label_dir": folder, "pseudo_label_source": meta.get("source")}
+    if meta.get("task") == "instance":
+        metadata.update(
+            thing_classes=meta["thing_classes"], evaluator_type="coco",
+            json_file=os.path.join(folder, "instances.json"),
+        )
+        if meta.get("thing_dataset_id_to_contiguous_id"):
+            metadata["thing_dataset_id_to_contiguous_id"] = {
+                int(k): int(v) for k, v in meta["thing_dataset_id_to_contiguous_id"].items()
+            }
+        if meta.get("thing_colors"):
+            metadata["thing_colors"] = meta["thing_colors"]
+    else:
+        metadata.update(
+            stuff_classes=meta["stuff_classes"], ignore_label=meta.get("ignore_label", 255), evaluator_type="sem_seg"
+        )
+        if meta.get("stuff_colors"):
+            metadata["stuff_colors"] = meta["stuff_colors"]
+    register_once([(name, ("pseudo_labels", folder), lambda: load_pseudo_label_dataset(folder), metadata)])
+    return name
