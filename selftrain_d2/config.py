@@ -83,6 +83,25 @@ def add_selftrain_config(cfg):
     cfg.INPUT.GAUSSIAN_BLUR = 0.0
     cfg.INPUT.GAUSSIAN_BLUR_SIGMA = (0.1, 2.0)
 
+    # Crop-size schedules (selftrain_d2.data.crop_schedules; self-training paper section 3.3).
+    cfg.INPUT.CROP_SCHEDULE = CN()
+    # Train each epoch at the crop the schedule gives, with the batch scaled to keep pixels per batch.
+    cfg.INPUT.CROP_SCHEDULE.ENABLED = False
+    # constant, coarse2fine, fine2coarse (crop changes every PERIOD epochs), coarse2fine+, fine2coarse+ (every epoch).
+    cfg.INPUT.CROP_SCHEDULE.NAME = "coarse2fine+"
+    # Crops as scales of INPUT.CROP.SIZE (the largest crop); 0.5..1.0 is the paper's 400..800 at an 800 crop.
+    cfg.INPUT.CROP_SCHEDULE.SCALES = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    # Epochs per crop for coarse2fine / fine2coarse; 0 shares the epochs evenly among the crops.
+    cfg.INPUT.CROP_SCHEDULE.PERIOD = 0
+    # First epochs at the largest crop before the schedule starts (the paper's crop-size warm-up).
+    cfg.INPUT.CROP_SCHEDULE.WARMUP_EPOCHS = 0
+    # Largest batch (all processes) a small crop may get; SOLVER.IMS_PER_BATCH is the batch at the largest crop.
+    cfg.INPUT.CROP_SCHEDULE.MAX_BATCH = 64
+    # How the learning rate follows the batch: "linear", "sqrt" or "none".
+    cfg.INPUT.CROP_SCHEDULE.LR_SCALING = "linear"
+    # Epochs of training; 0 = the images SOLVER.MAX_ITER x IMS_PER_BATCH make (MAX_ITER is then recomputed).
+    cfg.INPUT.CROP_SCHEDULE.EPOCHS = 0
+
     # EfficientNet-Lite backbone (selftrain_d2.modeling.backbone.efficientnet_lite).
     cfg.MODEL.EFFICIENTNET_LITE = CN()
     # Architecture name understood by the efficientnet-lite-pytorch package.

@@ -77,3 +77,102 @@ def test_past_the_table_the_last_epoch_repeats():
     table = _table("constant", 0)
     assert table.batch_span(table.max_iter) == (120, 124)
     assert table.batch_span(table.max_iter + 5) == (140, 144)
+
+
+def test_period_sets_epochs_per_crop():
+    table = _table("coarse2fine", 0, period=1)
+    assert [e.crop for e in table.entries] == [CROPS[i] for i in [0, 1, 2, 2, 2, 2]]
+
+
+class _RecordingMapper:
+    supports_crop_size = True
+
+    def __call__(self, record):
+        return {"index": record["index"], "crop_size": record["crop_size"]}
+
+
+def _stream(table, world_size=1, rank=0, seed=3):
+    from selftrain_d2.data.build import SeededTrainStream
+
+    dataset = [{"index": i} for i in range(20)]
+    return SeededTrainStream(dataset, _RecordingMapper(), 4, seed=seed, rank=rank, world_size=world_size,
+                             table=table)
+
+
+def _take(stream, n):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def test_scheduled_stream_batches_follow_the_table_and_resume():
+    table = _table("coarse2fine+", 1)
+    batches = _take(_stream(table), table.max_iter)
+    for i, batch in enumerate(batches):
+        entry = table.at_iter(i)
+        start, stop = table.batch_span(i)
+        assert len(batch) == stop - start
+        assert all(s["crop_size"] == entry.crop for s in batch)
+    # Each epoch is a permutation of the 20 images, whatever the batch size.
+    for e in table.entries:
+        seen = [s["index"] for b in batches[e.first_iter:e.first_iter + e.iterations] for s in b]
+        assert sorted(seen) == list(range(20))
+    # Resume at iteration 7 (mid-epoch): the same batches as the uninterrupted stream.
+    resumed = _stream(table)
+    resumed.set_start_iter(7)
+    assert _take(resumed, 5) == batches[7:12]
+
+
+def test_scheduled_stream_splits_each_batch_across_processes():
+    table = _table("coarse2fine+", 0, multiple=2)
+    full = _take(_stream(table), 6)
+    parts = [_take(_stream(table, world_size=2, rank=r), 6) for r in range(2)]
+    for i in range(6):
+        start, stop = table.batch_span(i)
+        assert len(parts[0][i]) == len(parts[1][i]) == (stop - start) // 2
+        assert sorted(s["index"] for s in parts[0][i] + parts[1][i]) == sorted(s["index"] for s in full[i])
+
+
+def test_crop_schedule_lr_follows_images_and_batch():
+    import torch
+
+    from selftrain_d2.solver import CropScheduleLR
+
+    table = _table("coarse2fine+", 1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = CropScheduleLR(opt, table, warmup_iters=0, power=0.9)
+    lrs = []
+    for i in range(table.max_iter):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    for i in (0, 5, 6, 9, table.max_iter - 1):
+        progress = table.batch_span(i)[0] / 120
+        expected = 0.1 * (1 - progress) ** 0.9 * table.at_iter(i).lr_factor
+        assert lrs[i] == pytest.approx(expected)
+    # A scheduler restored from its state continues with the same rates.
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    restored = CropScheduleLR(opt2, table, warmup_iters=0, power=0.9)
+    state = {"last_epoch": 9, "base_lrs": [0.1], "_step_count": 10}
+    restored.load_state_dict(state)
+    restored.step()  # -> iteration 10
+    assert opt2.param_groups[0]["lr"] == pytest.approx(lrs[10])
+
+
+def test_trainer_takes_iterations_lr_and_checkpoint_position_from_the_schedule(fast_cfg):
+    from selftrain_d2.engine import Trainer
+    from selftrain_d2.engine.hooks import CropScheduleHook
+
+    cfg = fast_cfg("DATASETS.TEST", "()", "MODEL.SEM_SEG_HEAD.NAME", "DeepLabV3PlusGlobalPoolHead",
+                   "INPUT.CROP_SCHEDULE.ENABLED", "True", "INPUT.CROP_SCHEDULE.NAME", "coarse2fine+",
+                   "INPUT.CROP_SCHEDULE.SCALES", "[0.5, 1.0]", "INPUT.CROP_SCHEDULE.EPOCHS", "2",
+                   "INPUT.CROP_SCHEDULE.WARMUP_EPOCHS", "1", "INPUT.CROP_SCHEDULE.MAX_BATCH", "8")
+    trainer = Trainer(cfg)
+    table = trainer.crop_table
+    # demo_city_labeled: 20 images; epoch 0 at 128x256 (batch 2, 10 iterations), epoch 1 at 64x128 (batch 8, 3).
+    assert [(e.crop, e.batch, e.iterations) for e in table.entries] == [((128, 256), 2, 10), ((64, 128), 8, 3)]
+    assert trainer.max_iter == trainer.cfg.SOLVER.MAX_ITER == 13
+    batch = next(iter(trainer.data_loader))
+    assert len(batch) == 2 and tuple(batch[0]["image"].shape[-2:]) == (128, 256)
+    hook = next(h for h in trainer._hooks if isinstance(h, CropScheduleHook))
+    trainer.iter = 10
+    assert hook.state_dict() == {"iteration": 11, "epoch": 1, "crop": [64, 128], "batch": 8, "lr_factor": 4.0}

@@ -17,11 +17,14 @@ import torch.utils.data as torchdata
 from detectron2.data import DatasetCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.utils import comm
 
+from .crop_schedules import EpochTable
 from .image_io import UnreadableImageError
 from .mappers import build_mapper
 from .samplers import MixedPlan, PermutationPlan, mix_seed, plan_stream
 
-__all__ = ["SeededTrainStream", "build_train_loader", "build_test_loader", "build_sample_plan", "mix_seed"]
+__all__ = [
+    "SeededTrainStream", "build_train_loader", "build_test_loader", "build_sample_plan", "build_epoch_table", "mix_seed",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ class SeededTrainStream(torchdata.IterableDataset):
     """
 
     def __init__(self, dataset, mapper, batch_size, *, seed, shuffle=True, rank=0, world_size=1,
-                 skip_unreadable=True, aspect_ratio_grouping=False, plan=None):
+                 skip_unreadable=True, aspect_ratio_grouping=False, plan=None, table=None):
         self.dataset = dataset
         # Which dataset entries (and crop centres) make up each epoch; see selftrain_d2.data.samplers.
         self.plan = plan if plan is not None else PermutationPlan(len(dataset), shuffle)
@@ -54,10 +57,16 @@ class SeededTrainStream(torchdata.IterableDataset):
         self.skip_unreadable = skip_unreadable
         self.aspect_ratio_grouping = aspect_ratio_grouping
         self.start = 0  # global sample position the next iterator starts from
+        # A crop schedule (selftrain_d2.data.crop_schedules.EpochTable): iteration i's batch is the sample
+        # positions table.batch_span(i), mapped at the crop of its epoch; batch_size and aspect-ratio
+        # grouping (all crops of an epoch have one shape) are then unused.
+        self.table = table
+        self.start_iter = 0
 
     def set_start_iter(self, iteration, seed=None):
         """Start the next iterator at training iteration ``iteration`` (and optionally a new seed)."""
         self.start = iteration * self.batch_size * self.world_size
+        self.start_iter = iteration
         if seed is not None:
             self.seed = seed
 
@@ -73,13 +82,15 @@ class SeededTrainStream(torchdata.IterableDataset):
             if (i // self.batch_size) % num_workers == worker:
                 yield item
 
-    def _map(self, position, entry):
+    def _map(self, position, entry, crop_size=None):
         state = mix_seed(self.seed, position)
         np.random.seed(state)
         random.seed(state)
         record = self.dataset[entry.index]
         if entry.center is not None:
             record = dict(record, crop_center=entry.center)
+        if crop_size is not None:
+            record = dict(record, crop_size=crop_size)
         try:
             return self.mapper(record)
         except UnreadableImageError as e:
@@ -88,7 +99,28 @@ class SeededTrainStream(torchdata.IterableDataset):
             logger.warning(f"Skipping unreadable image (DATALOADER.SKIP_UNREADABLE): {e}")
             return None
 
+    def _scheduled_batches(self):
+        info = torchdata.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        start = self.table.batch_span(self.start_iter)[0]
+        samples = plan_stream(self.plan, self.seed, start)
+        iteration = self.start_iter
+        while True:
+            first, stop = self.table.batch_span(iteration)
+            entries = [next(samples) for _ in range(stop - first)]
+            if iteration % num_workers == worker:
+                crop = self.table.at_iter(iteration).crop if iteration < self.table.max_iter else \
+                    self.table.entries[-1].crop
+                mapped = (self._map(p, e, crop) for p, e in entries if p % self.world_size == self.rank)
+                batch = [m for m in mapped if m is not None]
+                if batch:
+                    yield batch
+            iteration += 1
+
     def __iter__(self):
+        if self.table is not None:
+            yield from self._scheduled_batches()
+            return
         buckets = [[], []]
         for position, entry in self._worker_samples():
             sample = self._map(position, entry)
@@ -188,6 +220,29 @@ def build_sample_plan(cfg, real_names, real_dicts, pseudo_names=(), pseudo_dicts
     return plan
 
 
+def build_epoch_table(cfg, epoch_size, world_size=1):
+    """The crop schedule's per-epoch table (INPUT.CROP_SCHEDULE), or None when it is off. The number of
+    epochs is INPUT.CROP_SCHEDULE.EPOCHS, or as many as SOLVER.MAX_ITER x IMS_PER_BATCH images make, so a
+    schedule processes the images a constant-crop run of that config would."""
+    cs = cfg.INPUT.CROP_SCHEDULE
+    if not cs.ENABLED:
+        return None
+    if not cfg.INPUT.CROP.ENABLED or cfg.INPUT.CROP.TYPE != "absolute":
+        raise ValueError("INPUT.CROP_SCHEDULE needs INPUT.CROP.ENABLED with TYPE 'absolute' (its SIZE is the largest "
+                         f"crop), got ENABLED={cfg.INPUT.CROP.ENABLED} TYPE={cfg.INPUT.CROP.TYPE!r}")
+    epochs = cs.EPOCHS or max(1, round(cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH / epoch_size))
+    table = EpochTable(
+        schedule=cs.NAME, scales=cs.SCALES, full_crop=tuple(cfg.INPUT.CROP.SIZE), full_batch=cfg.SOLVER.IMS_PER_BATCH,
+        max_batch=cs.MAX_BATCH, epoch_size=epoch_size, num_epochs=epochs, period=cs.PERIOD,
+        warmup_epochs=cs.WARMUP_EPOCHS, lr_rule=cs.LR_SCALING, multiple=world_size,
+    )
+    logger.info(f"Crop schedule {cs.NAME} (warm-up {cs.WARMUP_EPOCHS} epochs): {epochs} epochs of "
+                f"{table.epoch_size} samples in {table.max_iter} iterations; crops/batches per epoch: "
+                + ", ".join(f"{e.crop[0]}x{e.crop[1]}/{e.batch}" for e in table.entries[:12])
+                + (" ..." if len(table.entries) > 12 else ""))
+    return table
+
+
 def build_train_loader(cfg, mapper=None, dataset_names=None, seed=None):
     """A DataLoader of per-rank training batches from ``cfg.DATASETS.TRAIN`` (or ``dataset_names``), plus
     the pseudo-labelled ``cfg.DATASETS.TRAIN_PSEUDO`` mixed in per ``build_sample_plan``."""
@@ -204,10 +259,14 @@ def build_train_loader(cfg, mapper=None, dataset_names=None, seed=None):
     world = comm.get_world_size()
     if seed is None:
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+    table = build_epoch_table(cfg, plan.epoch_size, world)
+    if table is not None and not getattr(mapper, "supports_crop_size", False):
+        raise ValueError(f"INPUT.CROP_SCHEDULE.ENABLED, but the mapper {type(mapper).__name__} cannot change its crop "
+                         "per sample (it needs supports_crop_size and a record 'crop_size')")
     stream = SeededTrainStream(
         dicts + pseudo, mapper, _per_rank_batch(cfg.SOLVER.IMS_PER_BATCH, world), seed=seed,
         rank=comm.get_rank(), world_size=world, skip_unreadable=cfg.DATALOADER.SKIP_UNREADABLE,
-        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING, plan=plan,
+        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING and table is None, plan=plan, table=table,
     )
     return torchdata.DataLoader(
         stream, batch_size=None, num_workers=cfg.DATALOADER.NUM_WORKERS,

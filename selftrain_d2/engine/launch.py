@@ -3,6 +3,8 @@ import logging
 
 import torch
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..config import load_config
 from ..data.datasets import register_from_cfg
@@ -22,6 +24,8 @@ def setup(args):
     register_from_cfg(cfg)
     cfg.freeze()
     default_setup(cfg, args)
+    # Detectron2 sets up its own and fvcore's loggers; ours log epoch plans, skipped images, etc.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="selftrain_d2", abbrev_name="st2")
     return cfg
 
 

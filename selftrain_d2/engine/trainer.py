@@ -12,18 +12,17 @@ import os
 import weakref
 
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
-from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from ..data.build import SeededTrainStream, build_test_loader, build_train_loader
 from ..evaluation import build_evaluator
-from ..solver import build_optimizer
+from ..solver import build_lr_scheduler, build_optimizer
 from ..utils.io import atomic_write_json
 from .checkpoint import build_checkpointer
 from .ddp import wrap_ddp
-from .hooks import StepSeeder
+from .hooks import CropScheduleHook, StepSeeder
 
 __all__ = ["Trainer", "write_results"]
 
@@ -47,10 +46,20 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg, seed=self.run_seed)
+        # A crop-size schedule fixes the iteration count: the images of the constant schedule, in
+        # batches that grow as the crop shrinks.
+        self.crop_table = getattr(getattr(data_loader, "dataset", None), "table", None)
+        if self.crop_table is not None and self.crop_table.max_iter != cfg.SOLVER.MAX_ITER:
+            logging.getLogger(__name__).info(
+                f"INPUT.CROP_SCHEDULE: SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER} -> {self.crop_table.max_iter}")
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.SOLVER.MAX_ITER = self.crop_table.max_iter
+            cfg.freeze()
         model = wrap_ddp(model, broadcast_buffers=False)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
 
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer, table=self.crop_table)
         # MODEL.CLASS_TRANSFER: class rows remapped by name when starting from other classes' weights.
         self.checkpointer = build_checkpointer(cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -62,6 +71,8 @@ class Trainer(DefaultTrainer):
         hooks = super().build_hooks()
         if self.cfg.SELFTRAIN.DETERMINISTIC_STEPS:
             hooks.insert(0, StepSeeder(self.run_seed))
+        if self.crop_table is not None:
+            hooks.insert(0, CropScheduleHook(self.crop_table))
         return hooks
 
     def resume_or_load(self, resume=True):
@@ -97,5 +108,5 @@ class Trainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     @classmethod
-    def build_lr_scheduler(cls, cfg, optimizer):
-        return build_deeplab_lr_scheduler(cfg, optimizer)
+    def build_lr_scheduler(cls, cfg, optimizer, table=None):
+        return build_lr_scheduler(cfg, optimizer, table=table)

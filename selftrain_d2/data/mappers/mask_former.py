@@ -23,7 +23,7 @@ from detectron2.structures import BitMasks, Instances
 
 from ..image_io import read_image, read_sem_seg
 from . import MAPPER_REGISTRY
-from .semantic import build_semantic_augmentations
+from .semantic import CenteredAugInput, build_semantic_augmentations
 
 __all__ = [
     "MaskFormerSemanticMapper",
@@ -135,6 +135,9 @@ class MaskFormerSemanticMapper:
     to ``INPUT.SIZE_DIVISIBILITY`` (labels with ignore). Augmentation: the ``semantic`` mapper's
     resize / category-area crop / flip, with ``INPUT.COLOR_AUG_SSD`` before the flip."""
 
+    supports_crop_center = True  # training crops around a record's "crop_center" (centroid sampling)
+    supports_crop_size = True  # and at a record's "crop_size" (crop-size schedules)
+
     @configurable
     def __init__(self, *, is_train, augmentations, image_format, num_classes, ignore_label, size_divisibility):
         self.is_train = is_train
@@ -175,7 +178,8 @@ class MaskFormerSemanticMapper:
                 f"label map {sem_seg_file} is {sem_seg.shape[::-1]} (WxH) but image "
                 f"{record['file_name']} is {image.shape[1::-1]}"
             )
-        aug_input = T.AugInput(image, sem_seg=sem_seg)
+        aug_input = CenteredAugInput(image, sem_seg=sem_seg, crop_center=record.get("crop_center"),
+                                     crop_size=record.get("crop_size"))
         self.augmentations(aug_input)
         image, _, sem_seg = pad_to_divisibility(
             _image_tensor(aug_input.image), self.size_divisibility,

@@ -26,11 +26,13 @@ __all__ = [
 
 
 class CenteredAugInput(T.AugInput):
-    """An AugInput that also carries an optional crop centre (y, x), moved along by every transform."""
+    """An AugInput that also carries an optional crop centre (y, x), moved along by every transform, and
+    an optional absolute crop size (h, w) that replaces the configured one (crop-size schedules)."""
 
-    def __init__(self, image, *, sem_seg=None, crop_center=None):
+    def __init__(self, image, *, sem_seg=None, crop_center=None, crop_size=None):
         super().__init__(image, sem_seg=sem_seg)
         self.crop_center = None if crop_center is None else tuple(float(v) for v in crop_center)
+        self.crop_size = None if crop_size is None else tuple(int(v) for v in crop_size)
 
     def transform(self, tfm):
         super().transform(tfm)
@@ -51,18 +53,35 @@ class CentroidCrop(T.Augmentation):
         self.size_of = T.RandomCrop(crop_type, crop_size)
         self.jitter = float(jitter)
         self.fallback = fallback
+        self._resized = {}  # absolute crop size -> (size_of, fallback) for inputs that carry a crop_size
+
+    def _for_size(self, crop_size):
+        """This crop at another absolute size (crop-size schedules): the same rule, a different size."""
+        if crop_size not in self._resized:
+            fb = self.fallback
+            if isinstance(fb, T.RandomCrop_CategoryAreaConstraint):
+                fb = T.RandomCrop_CategoryAreaConstraint("absolute", crop_size, fb.single_category_max_area,
+                                                         fb.ignored_category)
+            elif isinstance(fb, T.RandomCrop):
+                fb = T.RandomCrop("absolute", crop_size)
+            else:
+                raise TypeError(f"cannot resize the fallback crop {type(fb).__name__} for a crop schedule")
+            self._resized[crop_size] = (T.RandomCrop("absolute", crop_size), fb)
+        return self._resized[crop_size]
 
     def __call__(self, aug_input):
         center = getattr(aug_input, "crop_center", None)
+        size = getattr(aug_input, "crop_size", None)
+        size_of, fallback = self._for_size(size) if size is not None else (self.size_of, self.fallback)
         if center is None:
-            return self.fallback(aug_input)
-        tfm = self.get_transform(aug_input.image, center)
+            return fallback(aug_input)
+        tfm = self.get_transform(aug_input.image, center, size_of)
         aug_input.transform(tfm)
         return tfm
 
-    def get_transform(self, image, center):
+    def get_transform(self, image, center, size_of=None):
         h, w = image.shape[:2]
-        ch, cw = self.size_of.get_crop_size((h, w))
+        ch, cw = (size_of or self.size_of).get_crop_size((h, w))
         dy, dx = np.random.uniform(-self.jitter, self.jitter, size=2) * (ch, cw)
         y0 = int(np.clip(np.floor(center[0] + 0.5 + dy - ch / 2), 0, h - ch))
         x0 = int(np.clip(np.floor(center[1] + 0.5 + dx - cw / 2), 0, w - cw))
@@ -168,6 +187,7 @@ class SemanticMapper:
     """
 
     supports_crop_center = True  # training crops around a record's "crop_center" (centroid sampling)
+    supports_crop_size = True  # and at a record's "crop_size" (crop-size schedules)
 
     @configurable
     def __init__(self, *, is_train, augmentations, image_format, num_classes, ignore_label):
@@ -200,7 +220,8 @@ class SemanticMapper:
                     f"{record['file_name']} is {image.shape[1::-1]}"
                 )
         center = record.get("crop_center") if self.is_train else None
-        aug_input = CenteredAugInput(image, sem_seg=sem_seg, crop_center=center)
+        size = record.get("crop_size") if self.is_train else None
+        aug_input = CenteredAugInput(image, sem_seg=sem_seg, crop_center=center, crop_size=size)
         self.augmentations(aug_input)
         image = aug_input.image
         record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))

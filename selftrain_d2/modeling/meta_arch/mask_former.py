@@ -16,6 +16,7 @@ from detectron2.structures import BitMasks, ImageList
 from detectron2.utils.memory import retry_if_cuda_oom
 from torch import nn
 
+from ..frozen_bn import fold_frozen_batchnorm
 from .postprocess import (
     crop_and_resize,
     instance_inference,
@@ -119,6 +120,7 @@ class MaskFormer(nn.Module):
         boxes_from_masks: bool = False,
     ):
         super().__init__()
+        fold_frozen_batchnorm(backbone)
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.criterion = criterion

@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Fast crop-size schedules against the constant crop, for the same number of training images
+(self-training paper, Table 4).
+
+    .venv/bin/python benchmarks/fast_schedules.py --output output/bench/fast_schedules
+    .venv/bin/python benchmarks/fast_schedules.py --schedules constant coarse2fine+ --warmup 0 10 --seeds 1 2 3 --json
+
+Each row trains the demo DeepLabV3+ (``--config-file``; its head is switched to the global-pool ASPP so any
+crop works) with INPUT.CROP_SCHEDULE on: the constant schedule and each fast schedule with and without a
+crop-size warm-up of W epochs. Every run processes the images SOLVER.MAX_ITER x IMS_PER_BATCH make. Runs go
+through tools/train_net.py in subprocesses; a finished run (final_metrics.json present) is not redone, so a
+killed benchmark resumes. Prints a table (schedule, warm-up, training seconds, images/s, speed-up over
+constant, mIoU mean +- std over seeds), or with --json one JSON list, one object per row with keys
+schedule, warmup, wall_s, images_per_s, speedup, mIoU (and mIoU_std, seeds, iterations).
+
+wall_s is Detectron2's "Total training time" of the run (training only: model building and the final
+evaluation, equal for all schedules, are left out), averaged over seeds. Never asserted by tests.
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEDULES = ["constant", "coarse2fine", "fine2coarse", "coarse2fine+", "fine2coarse+"]
+
+
+def _seconds(text):
+    h, m, s = (int(v) for v in text.split(":"))
+    return 3600 * h + 60 * m + s
+
+
+def _training_seconds(log_file):
+    """Detectron2's 'Total training time' (h:mm:ss) and 'Overall training speed' (s/it, iterations)."""
+    total = iters = None
+    with open(log_file) as f:
+        for line in f:
+            m = re.search(r"Overall training speed: (\d+) iterations in \S+ \(([\d.]+) s / it\)", line)
+            if m:
+                iters, per_it = int(m.group(1)), float(m.group(2))
+                total = iters * per_it
+            m = re.search(r"Total training time: (\d+:\d\d:\d\d)", line)
+            if m and total is None:
+                total = _seconds(m.group(1))
+    return total, iters
+
+
+def run_one(args, schedule, warmup, seed):
+    out = os.path.join(args.output, f"{schedule}-w{warmup}-s{seed}")
+    metrics = os.path.join(out, "final_metrics.json")
+    if not os.path.isfile(metrics):
+        cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", args.config_file,
+               "OUTPUT_DIR", out, "SEED", str(seed),
+               "MODEL.SEM_SEG_HEAD.NAME", "DeepLabV3PlusGlobalPoolHead",
+               "INPUT.CROP_SCHEDULE.ENABLED", "True", "INPUT.CROP_SCHEDULE.NAME", schedule,
+               "INPUT.CROP_SCHEDULE.WARMUP_EPOCHS", str(warmup),
+               "INPUT.CROP_SCHEDULE.SCALES", repr(args.scales),
+               "INPUT.CROP_SCHEDULE.MAX_BATCH", str(args.max_batch), *args.opts]
+        start = time.perf_counter()
+        with open(os.path.join(args.output, f"{schedule}-w{warmup}-s{seed}.log"), "w") as log:
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if code:
+            raise SystemExit(f"run {out} failed (exit {code}); see {log.name}")
+        print(f"# {schedule} warm-up {warmup} seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    with open(metrics) as f:
+        miou = json.load(f)["sem_seg"]["mIoU"]
+    seconds, iters = _training_seconds(os.path.join(out, "log.txt"))
+    return {"mIoU": miou, "wall_s": seconds, "iterations": iters}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default=os.path.join(ROOT, "configs", "demo", "deeplabv3plus-effnetlite0.yaml"))
+    parser.add_argument("--output", default=os.path.join(ROOT, "output", "bench", "fast_schedules"))
+    parser.add_argument("--schedules", nargs="+", default=SCHEDULES)
+    parser.add_argument("--warmup", nargs="+", type=int, default=[0, 10], help="warm-up epochs to compare")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1])
+    parser.add_argument("--scales", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    args = parser.parse_args()
+    os.makedirs(args.output, exist_ok=True)
+
+    schedules = list(dict.fromkeys(["constant"] + args.schedules))
+    rows = []
+    for schedule in schedules:
+        for warmup in ([0] if schedule == "constant" else args.warmup):
+            runs = [run_one(args, schedule, warmup, seed) for seed in args.seeds]
+            mious = [r["mIoU"] for r in runs]
+            rows.append({
+                "schedule": schedule, "warmup": warmup, "seeds": args.seeds,
+                "wall_s": statistics.mean(r["wall_s"] for r in runs),
+                "iterations": runs[0]["iterations"],
+                "mIoU": statistics.mean(mious),
+                "mIoU_std": statistics.stdev(mious) if len(mious) > 1 else 0.0,
+                "mIoU_runs": mious,
+            })
+    from selftrain_d2.config import load_config
+
+    cfg = load_config(args.config_file, list(args.opts))
+    images = cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH
+    constant = rows[0]["wall_s"]
+    for row in rows:
+        row["images_per_s"] = images / row["wall_s"]
+        row["speedup"] = constant / row["wall_s"]
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(f"{images} training images per run, seeds {args.seeds}, loadavg {os.getloadavg()[0]:.2f}")
+    print("| schedule | warm-up (epochs) | iterations | training s | images/s | speed-up | mIoU |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['schedule']} | {r['warmup']} | {r['iterations']} | {r['wall_s']:.0f} | {r['images_per_s']:.1f} | "
+              f"{r['speedup']:.2f}x | {r['mIoU']:.2f} +- {r['mIoU_std']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

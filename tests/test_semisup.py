@@ -1,0 +1,261 @@
+"""Guided distillation trainer on a tiny Mask2Former: teacher schedule, losses, resume, eval, CPU DDP."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import HookBase
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from selftrain_d2.config import load_config
+from selftrain_d2.engine import SemiSupervisedTrainer, TRAINER_REGISTRY, default_argument_parser
+from selftrain_d2.engine.semisup import check_finite_losses
+
+from .conftest import ROOT
+
+CONFIG = os.path.join(ROOT, "configs", "demo", "guided-distillation-student.yaml")
+SEMANTIC_CONFIG = os.path.join(ROOT, "configs", "demo", "guided-distillation-semantic.yaml")
+# A Mask2Former small enough for a few CPU iterations in seconds; pseudo labels kept at any confidence.
+TINY = [
+    "MODEL.EFFICIENTNET_LITE.PRETRAINED", "False", "SOLVER.IMS_PER_BATCH", "1", "SEMISUP.UNLABELED_IMS_PER_BATCH", "1",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.CROP.SIZE", "(64, 96)", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256",
+    "MODEL.MASK_FORMER.DEC_LAYERS", "2", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1",
+    "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "8", "DATASETS.TEST", "()", "SEMISUP.PSEUDO_LABELS.SCORE_THRESHOLD", "0.0",
+    "SEMISUP.EMA_DECAY", "0.5", "SOLVER.CHECKPOINT_PERIOD", "100", "DATALOADER.NUM_WORKERS", "0",
+]
+
+
+@pytest.fixture(scope="module")
+def teacher_weights(tmp_path_factory):
+    """A 'trained teacher' checkpoint: a freshly initialised model of the same config, seeded."""
+    cfg = load_config(CONFIG, TINY)
+    torch.manual_seed(123)
+    path = str(tmp_path_factory.mktemp("teacher") / "teacher.pth")
+    torch.save({"model": build_model(cfg).state_dict()}, path)
+    return path
+
+
+def _cfg(out, *opts, config=CONFIG):
+    cfg = load_config(config, TINY + ["OUTPUT_DIR", str(out)] + list(opts))
+    cfg.freeze()
+    return cfg
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAfter(HookBase):
+    def __init__(self, n):
+        self.n = n
+
+    def after_step(self):
+        if self.trainer.iter + 1 == self.n:
+            raise _Killed()
+
+
+def _weights(trainer):
+    student = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    teacher = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    return student, teacher
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_mid_burn_in_and_mid_ema_repeats_the_uninterrupted_run(tmp_path, teacher_weights):
+    opts = ["SOLVER.MAX_ITER", "6", "SEMISUP.BURN_IN_ITERS", "3", "SOLVER.CHECKPOINT_PERIOD", "2",
+            "SEMISUP.TEACHER.WEIGHTS", teacher_weights]
+    whole = SemiSupervisedTrainer(_cfg(tmp_path / "a", *opts))
+    whole.resume_or_load(resume=False)
+    guide = {k: v.clone() for k, v in whole.teacher.state_dict().items()}
+    whole.train()
+    reference = _weights(whole)
+    # The EMA teacher moved away from the burn-in teacher and from the student.
+    assert any(not torch.equal(guide[k], reference[1][k]) for k in guide)
+    assert any(not torch.equal(reference[0][k], reference[1][k]) for k in guide)
+
+    cfg = _cfg(tmp_path / "b", *opts)
+    for kill_after, start in [(2, None), (4, 2), (None, 4)]:  # killed in burn-in, then in the EMA stage
+        trainer = SemiSupervisedTrainer(cfg)
+        if kill_after:
+            trainer.register_hooks([_KillAfter(kill_after)])
+        trainer.resume_or_load(resume=start is not None)
+        assert trainer.start_iter == (start or 0)
+        if kill_after:
+            with pytest.raises(_Killed):
+                trainer.train()
+        else:
+            trainer.train()
+    _assert_same(_weights(trainer), reference)
+    saved = torch.load(tmp_path / "b" / "model_final.pth", weights_only=False)
+    assert saved["teacher"].keys() == reference[1].keys()
+    torch.testing.assert_close(saved["teacher"]["sem_seg_head.predictor.class_embed.weight"],
+                               reference[1]["sem_seg_head.predictor.class_embed.weight"], rtol=0, atol=0)
+
+
+def test_teacher_gets_no_gradients_and_no_optimizer_state(tmp_path, teacher_weights):
+    trainer = SemiSupervisedTrainer(_cfg(tmp_path, "SOLVER.MAX_ITER", "2", "SEMISUP.BURN_IN_ITERS", "1",
+                                         "SEMISUP.TEACHER.WEIGHTS", teacher_weights))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    teacher_params = list(trainer.teacher.parameters())
+    assert teacher_params and all(not p.requires_grad and p.grad is None for p in teacher_params)
+    assert not trainer.teacher.model.training and trainer.model.training
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not in_optimizer & {id(p) for p in teacher_params}
+    assert len(trainer.optimizer.state) == sum(1 for p in trainer.model.parameters() if p.requires_grad)
+    assert trainer.checkpointer.checkpointables["teacher"] is trainer.teacher
+
+
+class _CountPredictions:
+    def __init__(self, teacher):
+        self.teacher, self.calls = teacher, []
+
+    def __call__(self, batch):
+        self.calls.append(len(batch))
+        return self.teacher.__class__.predict(self.teacher, batch)
+
+
+def test_plain_mode_burns_in_on_labels_only_then_uses_the_ema_teacher(tmp_path):
+    trainer = SemiSupervisedTrainer(_cfg(tmp_path, "SEMISUP.MODE", "plain", "SOLVER.MAX_ITER", "4",
+                                         "SEMISUP.BURN_IN_ITERS", "2", "SEMISUP.UNLABELED_PERIOD", "1"))
+    trainer.resume_or_load(resume=False)
+    counter = _CountPredictions(trainer.teacher)
+    trainer.teacher.predict = counter
+    seen = []
+
+    class Record(HookBase):
+        def after_step(self):
+            seen.append(any(k.endswith("_unsup") for k in self.trainer.storage.latest()))
+
+    trainer.register_hooks([Record()])
+    trainer.train()
+    assert seen == [False, False, True, True] and counter.calls == [1, 1]
+    assert trainer.schedule.teacher_at(0) is None and trainer.schedule.teacher_at(2) is trainer.teacher
+
+
+def test_guided_mode_needs_the_teacher_weights(tmp_path):
+    with pytest.raises(ValueError, match="SEMISUP.TEACHER.WEIGHTS"):
+        SemiSupervisedTrainer(_cfg(tmp_path, "SEMISUP.BURN_IN_ITERS", "2"))
+    trainer = SemiSupervisedTrainer(_cfg(tmp_path, "SEMISUP.TEACHER.WEIGHTS", str(tmp_path / "missing.pth")))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        trainer.resume_or_load(resume=False)
+
+
+def test_empty_pseudo_labels_give_zero_unsupervised_loss(tmp_path, teacher_weights):
+    trainer = SemiSupervisedTrainer(_cfg(tmp_path, "SEMISUP.PSEUDO_LABELS.SCORE_THRESHOLD", "1.01",
+                                         "SEMISUP.TEACHER.WEIGHTS", teacher_weights, "SEMISUP.UNSUP_LOSS_WEIGHT", "2.0"))
+    trainer.resume_or_load(resume=False)
+    step = trainer._trainer
+    with EventStorage(0):
+        batch = step._unlabeled_batch(0)
+        losses = step.unsupervised_losses(trainer.teacher, batch)
+        assert losses and all(k.endswith("_unsup") for k in losses)
+        assert all(float(v) == 0.0 for v in losses.values())  # exactly zero, not NaN
+        sum(losses.values()).backward()  # still a valid graph
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in trainer.model.parameters())
+
+        step.labeler.steps[1] = (step.labeler.steps[1][0], {"threshold": 0.0, "class_thresholds": ()})
+        kept = step.unsupervised_losses(trainer.teacher, batch)
+        assert sum(float(v) for v in kept.values()) > 0
+
+
+def test_non_finite_loss_names_the_term_and_the_iteration():
+    ok = {"loss_ce": torch.tensor(1.0), "loss_dice_unsup": torch.tensor(0.5)}
+    check_finite_losses(ok, 3)
+    bad = dict(ok, loss_mask_unsup=torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match=r"'loss_mask_unsup' is nan at iteration 17"):
+        check_finite_losses(bad, 17)
+
+
+def test_non_finite_loss_stops_training(tmp_path, teacher_weights):
+    trainer = SemiSupervisedTrainer(_cfg(tmp_path, "SOLVER.MAX_ITER", "3", "SEMISUP.BURN_IN_ITERS", "1",
+                                         "SEMISUP.TEACHER.WEIGHTS", teacher_weights))
+    trainer.resume_or_load(resume=False)
+
+    class Poison(HookBase):  # the unsupervised weight turns infinite at iteration 1
+        def before_step(self):
+            if self.trainer.iter == 1:
+                self.trainer._trainer.unsup_weight = float("inf")
+
+    trainer.register_hooks([Poison()])
+    with pytest.raises(FloatingPointError, match=r"_unsup' is (inf|nan) at iteration 1"):
+        trainer.train()
+
+
+def test_semantic_variant_trains(tmp_path):
+    cfg = _cfg(tmp_path, "SEMISUP.MODE", "plain", "SEMISUP.BURN_IN_ITERS", "0", "SOLVER.MAX_ITER", "1",
+               "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "12", config=SEMANTIC_CONFIG)
+    trainer = SemiSupervisedTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert trainer._trainer.labeler.targets == "semantic"
+    assert "loss_ce_unsup" in trainer.storage.latest()
+
+
+def _train_net():
+    spec = importlib.util.spec_from_file_location("train_net", os.path.join(ROOT, "tools", "train_net.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny_val(new_name):
+    """The first 3 images of the demo validation split, with its metadata (COCO json)."""
+    name = new_name("val")
+    dicts = DatasetCatalog.get("demo_city_val_instance")[:3]
+    DatasetCatalog.register(name, lambda: dicts)
+    meta = MetadataCatalog.get("demo_city_val_instance").as_dict()
+    meta.pop("name")
+    MetadataCatalog.get(name).set(**meta)
+    return name
+
+
+def test_train_net_picks_the_trainer_and_evaluates_both_models_from_a_checkpoint(tmp_path, teacher_weights, tiny_val):
+    assert TRAINER_REGISTRY.get("SemiSupervisedTrainer") is SemiSupervisedTrainer
+    train_net = _train_net()
+    out = str(tmp_path / "run")
+    args = ["--config-file", CONFIG] + TINY + [
+        "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "2", "SEMISUP.BURN_IN_ITERS", "1", "SEMISUP.TEACHER.WEIGHTS",
+        teacher_weights, "DATASETS.TEST", f"('{tiny_val}',)", "SEMISUP.EVAL_MODEL", "BOTH"]
+    trained = train_net.main(default_argument_parser().parse_args(args))
+    assert "segm" in trained and "teacher/segm" in trained
+    assert json.load(open(os.path.join(out, "final_metrics.json")))["teacher/segm"] == pytest.approx(trained["teacher/segm"], nan_ok=True)
+
+    final = os.path.join(out, "model_final.pth")
+    for which, keys in [("BOTH", {"segm", "teacher/segm"}), ("TEACHER", {"segm"})]:
+        evaluated = train_net.main(default_argument_parser().parse_args(
+            args + ["--eval-only", "MODEL.WEIGHTS", final, "SEMISUP.EVAL_MODEL", which]))
+        assert keys <= set(evaluated)
+        expected = trained["teacher/segm"] if which == "TEACHER" else trained["segm"]
+        assert evaluated["segm"] == pytest.approx(expected, abs=1e-9, nan_ok=True)
+    with pytest.raises(KeyError, match="holds no 'teacher'"):
+        train_net.main(default_argument_parser().parse_args(
+            args + ["--eval-only", "MODEL.WEIGHTS", teacher_weights, "SEMISUP.EVAL_MODEL", "TEACHER"]))
+
+
+def test_two_process_cpu_ddp_trains(tmp_path, teacher_weights):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", CONFIG, "--num-gpus", "2",
+           *TINY, "SOLVER.IMS_PER_BATCH", "2", "SEMISUP.UNLABELED_IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3",
+           "SEMISUP.BURN_IN_ITERS", "1", "SEMISUP.TEACHER.WEIGHTS", teacher_weights, "OUTPUT_DIR", str(out)]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "World size: 2" in proc.stdout + proc.stderr
+    saved = torch.load(out / "model_final.pth", weights_only=False)
+    assert "teacher" in saved and saved["iteration"] == 2
+    metrics = [json.loads(line) for line in open(out / "metrics.json")]
+    assert metrics[-1]["iteration"] == 2 and "loss_ce_unsup" in metrics[-1]
+    assert all(torch.isfinite(torch.tensor(m["total_loss"])) for m in metrics if "total_loss" in m)
