@@ -236,13 +236,13 @@ def test_train_net_picks_the_trainer_and_evaluates_both_models_from_a_checkpoint
     final = os.path.join(out, "model_final.pth")
     for which, keys in [("BOTH", {"segm", "teacher/segm"}), ("TEACHER", {"segm"})]:
         evaluated = train_net.main(default_argument_parser().parse_args(
-            args + ["--eval-only", "MODEL.WEIGHTS", final, "SEMISUP.EVAL_MODEL", which]))
+            ["--eval-only"] + args + ["MODEL.WEIGHTS", final, "SEMISUP.EVAL_MODEL", which]))
         assert keys <= set(evaluated)
         expected = trained["teacher/segm"] if which == "TEACHER" else trained["segm"]
         assert evaluated["segm"] == pytest.approx(expected, abs=1e-9, nan_ok=True)
     with pytest.raises(KeyError, match="holds no 'teacher'"):
         train_net.main(default_argument_parser().parse_args(
-            args + ["--eval-only", "MODEL.WEIGHTS", teacher_weights, "SEMISUP.EVAL_MODEL", "TEACHER"]))
+            ["--eval-only"] + args + ["MODEL.WEIGHTS", teacher_weights, "SEMISUP.EVAL_MODEL", "TEACHER"]))
 
 
 def test_two_process_cpu_ddp_trains(tmp_path, teacher_weights):

@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Pseudo labelling and centroid indexing at 1k and 10k demo-size images: speed, and whether memory grows
+with the dataset (it should not: labels are written as they are made, and the index keeps only centroids).
+
+    .venv/bin/python benchmarks/pseudo_label_scale.py --sizes 1000 10000 --output output/bench/pl_scale
+    .venv/bin/python benchmarks/pseudo_label_scale.py --sizes 100 1000 --json
+
+For each size N, a folder of N symlinks cycling over the demo city unlabelled images (128x256) is labelled by
+the demo DeepLabV3+ (``--config-file``; with ``--weights`` a trained teacher, otherwise a freshly initialised
+one saved once: the cost does not depend on the weights), then indexed. Each size runs in its own process,
+whose peak resident memory (ru_maxrss) is reported. Prints a table, or one JSON object with per-size rows
+(images, label_s, label_images_per_s, index_s, index_images_per_s, peak_rss_mb) and peak_ratio (largest /
+smallest size). Never asserted by tests.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _make_folder(folder, n):
+    from detectron2.data import DatasetCatalog
+
+    import selftrain_d2  # noqa: F401  (registers the demo datasets)
+
+    sources = [r["file_name"] for r in DatasetCatalog.get("demo_city_unlabeled_sem_seg")]
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        link = os.path.join(folder, f"{i // 1000:03d}", f"img_{i:06d}.png")
+        if not os.path.lexists(link):
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            os.symlink(sources[i % len(sources)], link)
+
+
+def _child(args):
+    """One size, in its own process: label the folder, index the labels, print timings as JSON."""
+    import torch
+
+    from selftrain_d2.config import load_config
+    from selftrain_d2.pseudo_labels import generate_pseudo_labels
+    from selftrain_d2.pseudo_labels.centroids import build_centroid_index
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.config_file, ["MODEL.WEIGHTS", args.weights, "MODEL.EFFICIENTNET_LITE.PRETRAINED", "False",
+                                         "OUTPUT_DIR", args.child_output])
+    start = time.perf_counter()
+    report = generate_pseudo_labels(cfg, args.child_folder, args.child_output)
+    label_s = time.perf_counter() - start
+    with open(os.path.join(args.child_output, "dataset.json")) as f:
+        records = json.load(f)
+    start = time.perf_counter()
+    index = build_centroid_index(records, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, 16)
+    index_s = time.perf_counter() - start
+    n = report["written"] + report["already_done"]
+    print(json.dumps({
+        "images": n, "label_s": label_s, "label_images_per_s": report["written"] / label_s if label_s else None,
+        "index_s": index_s, "index_images_per_s": len(records) / index_s, "centroids": len(index),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", type=int, default=[1000, 10000])
+    parser.add_argument("--config-file", default=os.path.join(ROOT, "configs", "demo", "deeplabv3plus-effnetlite0.yaml"))
+    parser.add_argument("--weights", default="")
+    parser.add_argument("--output", default=os.path.join(ROOT, "output", "bench", "pl_scale"))
+    parser.add_argument("--threads", type=int, default=torch_threads_default())
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--child-folder", help=argparse.SUPPRESS)
+    parser.add_argument("--child-output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_folder:
+        return _child(args)
+
+    os.makedirs(args.output, exist_ok=True)
+    if not args.weights:
+        args.weights = os.path.join(args.output, "random_teacher.pth")
+        if not os.path.isfile(args.weights):
+            import torch
+            from detectron2.modeling import build_model
+
+            from selftrain_d2.config import load_config
+            from selftrain_d2.utils.io import atomic_write
+
+            model = build_model(load_config(args.config_file, ["MODEL.EFFICIENTNET_LITE.PRETRAINED", "False"]))
+            with atomic_write(args.weights) as f:
+                torch.save({"model": model.state_dict()}, f)
+    rows = []
+    for n in args.sizes:
+        folder = os.path.join(args.output, f"images_{n}")
+        out = os.path.join(args.output, f"labels_{n}")
+        _make_folder(folder, n)
+        # A fresh output each time: the figures are for labelling every image, not for a resumed run.
+        subprocess.call(["rm", "-rf", out])
+        cmd = [sys.executable, os.path.abspath(__file__), "--config-file", args.config_file, "--weights", args.weights,
+               "--threads", str(args.threads), "--child-folder", folder, "--child-output", out]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode:
+            sys.exit(f"size {n} failed:\n{result.stderr[-3000:]}")
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        print(f"# {n} images: {rows[-1]}", file=sys.stderr)
+    summary = {"rows": rows, "peak_ratio": rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"],
+               "loadavg_1min": os.getloadavg()[0], "threads": args.threads}
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print("| images | label s | label img/s | index s | index img/s | centroids | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['images']} | {r['label_s']:.0f} | {r['label_images_per_s']:.1f} | {r['index_s']:.1f} | "
+              f"{r['index_images_per_s']:.0f} | {r['centroids']} | {r['peak_rss_mb']:.0f} |")
+    print(f"peak memory {rows[-1]['images']} vs {rows[0]['images']} images: {summary['peak_ratio']:.2f}x "
+          f"(loadavg {summary['loadavg_1min']:.1f})")
+
+
+def torch_threads_default():
+    return int(os.environ.get("OMP_NUM_THREADS", "2"))
+
+
+if __name__ == "__main__":
+    main()
