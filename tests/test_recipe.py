@@ -149,3 +149,47 @@ def test_metrics_table_has_a_column_per_stage_and_per_class_rows():
     assert table[0] == "| metric | teacher | student |"
     assert "| sem_seg/mIoU | 50.00 | 55.50 |" in table
     assert "| sem_seg/IoU-road | 90.00 | 91.00 |" in table
+
+
+def test_self_training_recipe_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
+    """teacher -> pseudo labels (a folder of 3 images) -> centroid index -> student, with tiny settings; the
+    second run starts no subprocess."""
+    from detectron2.data import DatasetCatalog
+
+    from selftrain_d2.recipe import stages
+
+    from .conftest import DEMO_CONFIG, FAST_TRAIN_OPTS
+
+    folder = tmp_path / "unlabeled"
+    folder.mkdir()
+    for record in DatasetCatalog.get("demo_city_unlabeled_sem_seg")[:3]:
+        os.symlink(record["file_name"], folder / os.path.basename(record["file_name"]))
+    opts = FAST_TRAIN_OPTS + ["SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()", "MODEL.EFFICIENTNET_LITE.PRETRAINED",
+                              "False"]
+    raw = {
+        "name": "tiny",
+        "stages": {
+            "teacher": {"type": "train", "config": DEMO_CONFIG, "opts": opts},
+            "pseudo_labels": {"type": "pseudo_labels", "model": "teacher", "input": str(folder)},
+            "centroids": {"type": "centroid_index", "labels": "pseudo_labels", "min_area": 4},
+            "student": {"type": "train", "config": DEMO_CONFIG, "pseudo_labels": ["pseudo_labels"],
+                        "centroids": ["centroids"],
+                        "opts": opts + ["DATALOADER.PSEUDO_RATIO", "1.0", "DATALOADER.CENTROID_SAMPLING.ENABLED", "True"]},
+        },
+    }
+    recipe = parse_recipe(raw, str(tmp_path / "tiny.yaml"))
+    out = tmp_path / "out"
+    run_recipe(recipe, out)
+    assert (out / "teacher" / "model_final.pth").is_file()
+    records = json.loads((out / "pseudo_labels" / "dataset.json").read_text())
+    assert len(records) == 3 and all(os.path.isfile(r["sem_seg_file_name"]) for r in records)
+    assert (out / "centroids" / "centroids.npz").is_file()
+    student_cfg = (out / "student" / "config.yaml").read_text()
+    assert "recipe_pseudo_labels" in student_cfg and "centroids.npz" in student_cfg
+    assert (out / "student" / "model_final.pth").is_file()
+    assert (out / "report.md").is_file()
+
+    calls = []
+    monkeypatch.setattr(stages, "_run", lambda cmd, what: calls.append(what))
+    run_recipe(recipe, out)
+    assert calls == []

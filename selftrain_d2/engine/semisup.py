@@ -345,12 +345,14 @@ class SemiSupervisedTrainer(Trainer):
         which = _eval_model_choice(cfg)
         student = cls.build_model(cfg)
         teacher = FrozenTeacher(build_model(cfg))
-        checkpointer = DetectionCheckpointer(student, save_dir=cfg.OUTPUT_DIR, teacher=teacher)
+        checkpointer = DetectionCheckpointer(student, save_dir=cfg.OUTPUT_DIR)
         path = checkpointer.get_checkpoint_file() if resume and checkpointer.has_checkpoint() else cfg.MODEL.WEIGHTS
         if not path:
             raise ValueError("--eval-only of SemiSupervisedTrainer needs MODEL.WEIGHTS (a checkpoint of the run) or --resume")
-        if which != "STUDENT" and "teacher" not in checkpointer._load_file(path):
+        rest = checkpointer.load(path, checkpointables=[])  # the student; returns the checkpoint's other entries
+        if "teacher" in rest:
+            teacher.load_state_dict(rest["teacher"])
+        elif which != "STUDENT":
             raise KeyError(f"{path} holds no 'teacher' (SEMISUP.EVAL_MODEL {which}): give a checkpoint written by "
                            "SemiSupervisedTrainer, or SEMISUP.EVAL_MODEL STUDENT")
-        checkpointer.load(path)
         return evaluate_student_teacher(cls, cfg, student, teacher.model)

@@ -138,7 +138,13 @@ def _classes(task, source_meta, cfg):
     """Class names (and the dataset-id mapping for instances) from the input's metadata, else the teacher's
     training data; numbered names when neither has them."""
     field = "stuff_classes" if task == "semantic" else "thing_classes"
-    candidates = [source_meta] + [MetadataCatalog.get(n) for n in cfg.DATASETS.TRAIN if n in DatasetCatalog.list()]
+    teacher = [MetadataCatalog.get(n) for n in cfg.DATASETS.TRAIN if n in DatasetCatalog.list()]
+    candidates = [source_meta] + teacher
+    if task == "semantic":
+        # Semantic labels are ids of the teacher's classes: when the input's class list has another length
+        # (a target domain with new classes), the teacher's training classes name them.
+        num = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        candidates = [m for m in candidates if m is not None and len(m.get(field, None) or ()) == num]
     for meta in candidates:
         if meta is not None and meta.get(field, None):
             return meta, list(meta.get(field))

@@ -154,16 +154,20 @@ def _pseudo_label_sections(ctx, folder):
         lines.append(f"{len(records)} images labelled from `{result.get('input')}`; "
                      f"{len(report.get('skipped', []))} unreadable images skipped.\n")
         source = result.get("input")
-        heldout_root = None
+        heldout_root, heldout_classes = None, classes
         if source in DatasetCatalog.list():
-            heldout_root = MetadataCatalog.get(source).get("heldout_sem_seg_root")
+            source_meta = MetadataCatalog.get(source)
+            heldout_root = source_meta.get("heldout_sem_seg_root")
+            # The held-out labels may have more classes (new classes of a target domain) than the teacher.
+            if len(source_meta.get("stuff_classes", None) or ()) > len(classes):
+                heldout_classes = list(source_meta.stuff_classes)
         if heldout_root:
-            q = pseudo_label_quality(records, heldout_root, classes, ignore)
+            q = pseudo_label_quality(records, heldout_root, heldout_classes, ignore)
             quality[name] = q
             lines.append(f"Against held-out labels ({q['images']} images): coverage {q['coverage']:.1f}% of "
                          f"labelled pixels, pixel accuracy {q['pACC']:.1f}%, mIoU {q['mIoU']:.1f} on covered pixels.\n")
             lines.append("| class | IoU |\n|---|---|")
-            lines += [f"| {c} | {_fmt(q[f'IoU-{c}'])} |" for c in classes]
+            lines += [f"| {c} | {_fmt(q[f'IoU-{c}'])} |" for c in heldout_classes]
         else:
             lines.append("No held-out labels for this input (metadata `heldout_sem_seg_root`): quality not measured.")
         pseudo_counts = dataset_pixel_counts(records, len(classes), ignore)

@@ -98,7 +98,7 @@ def _expand_loops(stages, raw, where):
 
 
 # Stage options whose values name other stages.
-_REF_KEYS = ("model", "labels", "init", "pseudo_labels", "centroids", "class_transfer_from")
+_REF_KEYS = ("model", "labels", "init", "pseudo_labels", "centroids", "class_transfer_from", "teacher")
 
 
 def _first_model_ref(body, by_name):

@@ -143,10 +143,11 @@ def _merged_config_text(config_file, opts):
 @STAGE_REGISTRY.register("train")
 class TrainStage(Stage):
     """``tools/train_net.py`` on a config, with optional initial weights from an earlier stage, the pseudo
-    labels and centroid indexes of earlier stages added to training, and a class-set change."""
+    labels and centroid indexes of earlier stages added to training, a class-set change, and (``teacher``)
+    an earlier stage's model as the burn-in teacher of online distillation."""
 
     REQUIRED = ("config",)
-    OPTIONAL = ("opts", "init", "pseudo_labels", "centroids", "class_transfer_from")
+    OPTIONAL = ("opts", "init", "pseudo_labels", "centroids", "class_transfer_from", "teacher")
 
     def _derived_opts(self):
         ctx, o = self.ctx, self.options
@@ -162,6 +163,9 @@ class TrainStage(Stage):
             opts += ["DATALOADER.CENTROID_SAMPLING.INDEX_FILES", repr([list(p) for p in index])]
         if o.get("class_transfer_from"):
             opts += ["MODEL.CLASS_TRANSFER.SOURCE_CLASSES", repr(list(ctx.result(o["class_transfer_from"], "classes")))]
+        if o.get("teacher"):
+            # Online distillation (SemiSupervisedTrainer): an earlier stage's model is the burn-in teacher.
+            opts += ["SEMISUP.TEACHER.WEIGHTS", ctx.result(o["teacher"], "weights")]
         return opts
 
     def fingerprint(self):

@@ -1,0 +1,470 @@
+#!/usr/bin/env python
+"""Hyperparameter sweeps with the protocol of "Towards Comparable Knowledge Distillation in Semantic Image
+Segmentation": tune learning rate and weight decay for the student alone and, separately, for student +
+teacher; then tau and the KD loss weights at the best KD learning rate / weight decay. Each trial is a full
+``tools/train_net.py`` run (train + final evaluation) in its own folder.
+
+    python tools/sweep.py --config-file configs/demo/kd-sweep.yaml --output output/demo/kd-sweep
+    python tools/sweep.py --config-file SWEEP_YAML --output DIR --storage postgresql://user@host/db  # shared
+
+Trials live in an Optuna study per stage, in SQLite at ``DIR/study.db`` by default or in any SQLAlchemy URL
+(``--storage`` or ``storage:``), so a killed sweep resumes where it stopped, and several machines can work on
+one sweep. Grid points are enqueued by their parameters and skipped when a trial with the same parameters is
+complete, waiting or running; a trial left "running" by a killed process (on this host: its process is gone;
+elsewhere: its Optuna heartbeat stopped) is marked failed and its point is run again, resuming its training
+from the trial folder's last checkpoint. Finished trials are never redone.
+
+Outputs: ``DIR/results.csv`` (one row per finished trial: stage, parameters, metric), ``DIR/results.md``
+(tables and the best student-only and best KD settings side by side), ``DIR/results.png``.
+
+Sweep file (YAML)::
+
+    name: kd-demo                       # study names are <name>/<stage>
+    configs:                            # config files the stages refer to by key
+      student: configs/demo/pspnet-effnetlite0-student.yaml
+      kd: configs/demo/kd-pspnet-student.yaml
+    metric: sem_seg/mIoU                # path into final_metrics.json
+    direction: maximize
+    overrides: [SOLVER.MAX_ITER, 100]   # KEY VALUE ... for every trial
+    seeds: [7]                          # SEED of each run of a trial; the metric is their mean
+    compare: [student, kd]              # best of the stages of each config, side by side
+    stages:
+      - name: student-lr-wd
+        config: student
+        grid: {SOLVER.BASE_LR: [0.005, 0.01], SOLVER.WEIGHT_DECAY: [0.0001, 0.00001]}
+      - name: kd-lr-wd
+        config: kd
+        grid: {SOLVER.BASE_LR: [0.005, 0.01], SOLVER.WEIGHT_DECAY: [0.0001, 0.00001]}
+      - name: kd-tau-weight
+        config: kd
+        inherit: [kd-lr-wd]             # the best parameters of these stages are fixed here
+        grid: {DISTILL.PIXEL_KD.TAU: [1.0, 4.0], DISTILL.PIXEL_KD.WEIGHT: [0.5, 1.0]}
+      - name: kd-tpe                    # optional: TPE instead of a grid
+        config: kd
+        sampler: tpe
+        n_trials: 8
+        space: {SOLVER.BASE_LR: {low: 0.001, high: 0.05, log: true}, DISTILL.PIXEL_KD.TAU: [1.0, 2.0, 4.0]}
+"""
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
+HOST = socket.gethostname()
+
+
+def _io():
+    """selftrain_d2/utils/io.py (atomic writes) loaded by path: importing the package would load torch and
+    Detectron2, which the sweep driver itself does not need."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_selftrain_io", os.path.join(ROOT, "selftrain_d2", "utils", "io.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class SweepError(ValueError):
+    """A sweep file that does not describe a valid sweep."""
+
+
+class TrialFailed(RuntimeError):
+    """A trial's training or evaluation failed; the sweep goes on with the next one."""
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sweep file
+# ------------------------------------------------------------------------------------------------------
+def load_sweep(path):
+    """The sweep file, checked, with defaults filled in."""
+    with open(path) as f:
+        spec = yaml.safe_load(f) or {}
+    where = f"sweep file {path}"
+    unknown = set(spec) - {"name", "configs", "metric", "direction", "overrides", "seeds", "compare", "stages",
+                           "storage", "num_gpus", "seed"}
+    if unknown:
+        raise SweepError(f"{where}: unknown keys {sorted(unknown)}")
+    spec.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    spec.setdefault("metric", "sem_seg/mIoU")
+    spec.setdefault("direction", "maximize")
+    spec.setdefault("overrides", [])
+    spec.setdefault("seeds", [])
+    spec.setdefault("num_gpus", 1)
+    spec.setdefault("seed", 0)
+    configs = spec.get("configs") or {}
+    if not configs:
+        raise SweepError(f"{where}: 'configs' must map names to config files")
+    spec.setdefault("compare", list(configs))
+    if spec["direction"] not in ("maximize", "minimize"):
+        raise SweepError(f"{where}: direction {spec['direction']!r}: use maximize or minimize")
+    if len(spec["overrides"]) % 2:
+        raise SweepError(f"{where}: overrides must be KEY VALUE pairs, got {spec['overrides']}")
+    names = set()
+    for i, stage in enumerate(spec.get("stages") or []):
+        label = f"{where}: stage {i} ({stage.get('name', '?')})"
+        unknown = set(stage) - {"name", "config", "grid", "sampler", "n_trials", "space", "inherit", "fixed"}
+        if unknown:
+            raise SweepError(f"{label}: unknown keys {sorted(unknown)}")
+        if not stage.get("name") or "/" in stage["name"] or stage["name"] in names:
+            raise SweepError(f"{label}: every stage needs a unique 'name' without '/'")
+        names.add(stage["name"])
+        if stage.get("config") not in configs:
+            raise SweepError(f"{label}: config {stage.get('config')!r} is not one of configs {sorted(configs)}")
+        stage.setdefault("sampler", "grid")
+        stage.setdefault("inherit", [])
+        stage.setdefault("fixed", {})
+        for other in stage["inherit"]:
+            if other not in names - {stage["name"]}:
+                raise SweepError(f"{label}: inherits {other!r}, which is not an earlier stage")
+        if stage["sampler"] == "grid":
+            grid = stage.get("grid") or {}
+            if not grid or not all(isinstance(v, list) and v for v in grid.values()):
+                raise SweepError(f"{label}: a grid stage needs 'grid': {{KEY: [values, ...], ...}}")
+        elif stage["sampler"] == "tpe":
+            if not stage.get("space") or int(stage.get("n_trials", 0)) <= 0:
+                raise SweepError(f"{label}: a tpe stage needs 'space' and 'n_trials' > 0")
+        else:
+            raise SweepError(f"{label}: sampler {stage['sampler']!r}: use grid or tpe")
+    if not names:
+        raise SweepError(f"{where}: no stages")
+    return spec
+
+
+def grid_points(grid):
+    """Every combination of the grid's values, in a fixed order (the last key varies fastest)."""
+    points = [{}]
+    for key, values in grid.items():
+        points = [dict(p, **{key: v}) for p in points for v in values]
+    return points
+
+
+def param_key(params):
+    """A canonical string of a parameter dict: equal parameters give equal keys."""
+    return json.dumps({k: params[k] for k in sorted(params)}, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------------------
+# One trial
+# ------------------------------------------------------------------------------------------------------
+def _read_metric(metrics, path):
+    value = metrics
+    for part in path.split("/"):
+        if not isinstance(value, dict) or part not in value:
+            raise TrialFailed(f"metric {path!r} not in final_metrics.json (keys: {sorted(metrics)})")
+        value = value[part]
+    return float(value)
+
+
+def run_trial(config_file, overrides, output_dir, num_gpus=1):
+    """Train and evaluate one configuration with ``tools/train_net.py`` in a subprocess (resuming from
+    ``output_dir``'s last checkpoint when there is one); returns the parsed ``final_metrics.json``."""
+    final = os.path.join(output_dir, "final_metrics.json")
+    if not os.path.isfile(final):
+        os.makedirs(output_dir, exist_ok=True)
+        cmd = [sys.executable, TRAIN_NET, "--config-file", config_file, "--num-gpus", str(num_gpus)]
+        if os.path.isfile(os.path.join(output_dir, "last_checkpoint")):
+            cmd.append("--resume")
+        cmd += ["OUTPUT_DIR", output_dir] + [str(x) for x in overrides]
+        log_path = os.path.join(output_dir, "sweep_trial.log")
+        with open(log_path, "a") as log:
+            log.write(" ".join(cmd) + "\n")
+            log.flush()
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc != 0 or not os.path.isfile(final):
+            raise TrialFailed(f"training failed (exit code {rc}); see {log_path}")
+    with open(final) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Studies
+# ------------------------------------------------------------------------------------------------------
+def make_storage(url):
+    import optuna
+
+    if url.startswith("sqlite"):
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    # Trials of machines that die stop beating and are failed by the others after the grace period.
+    return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=300)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_stale_trials(study):
+    """Mark as failed the RUNNING trials whose process is gone: on this host by pid, elsewhere by heartbeat."""
+    import optuna
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = str(t.user_attrs.get("owner", "")).rpartition(":")
+        if host == HOST and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+    if study._storage.is_heartbeat_enabled():
+        optuna.storages.fail_stale_trials(study)
+
+
+def _suggest(trial, name, spec):
+    if isinstance(spec, list):
+        return trial.suggest_categorical(name, spec)
+    if not isinstance(spec, dict) or "low" not in spec or "high" not in spec:
+        raise SweepError(f"search space of {name}: a list of values or {{low, high[, log, step, int]}}")
+    if spec.get("int"):
+        return trial.suggest_int(name, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log", False)))
+    return trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log", False)),
+                               step=spec.get("step"))
+
+
+class Sweep:
+    def __init__(self, spec, output, storage=None, num_gpus=None, retry_failed=False, log=print):
+        self.spec, self.output, self.log = spec, os.path.abspath(output), log
+        self.retry_failed = retry_failed
+        os.makedirs(self.output, exist_ok=True)
+        self.storage_url = storage or spec.get("storage") or f"sqlite:///{os.path.join(self.output, 'study.db')}"
+        self.num_gpus = num_gpus or spec["num_gpus"]
+        self._storage = None
+
+    @property
+    def storage(self):
+        if self._storage is None:
+            self._storage = make_storage(self.storage_url)
+        return self._storage
+
+    def study(self, stage):
+        import optuna
+
+        if stage["sampler"] == "grid":
+            # Every grid trial is enqueued with its parameters (run_stage), so this sampler never draws.
+            # Optuna's GridSampler is not used: it counts failed trials as done and numbers grid points by
+            # trial number, so a point whose trial was killed would never be run again.
+            sampler = optuna.samplers.RandomSampler(seed=self.spec["seed"])
+        else:
+            sampler = optuna.samplers.TPESampler(seed=self.spec["seed"])
+        return optuna.create_study(study_name=f"{self.spec['name']}/{stage['name']}", storage=self.storage,
+                                   direction=self.spec["direction"], sampler=sampler, load_if_exists=True)
+
+    def best_params(self, stage_name):
+        from optuna.trial import TrialState
+
+        stage = next(s for s in self.spec["stages"] if s["name"] == stage_name)
+        done = self.study(stage).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not done:
+            raise SweepError(f"stage {stage_name!r} has no finished trial to take the best parameters from")
+        sign = 1 if self.spec["direction"] == "maximize" else -1
+        best = max(done, key=lambda t: sign * t.value)
+        return dict(best.user_attrs.get("fixed", {}), **best.params)
+
+    def fixed_params(self, stage):
+        fixed = {}
+        for other in stage["inherit"]:
+            fixed.update(self.best_params(other))
+        fixed.update(stage["fixed"])
+        return fixed
+
+    def objective(self, stage, fixed):
+        config = self.spec["configs"][stage["config"]]
+        space = stage["grid"] if stage["sampler"] == "grid" else stage["space"]
+
+        def objective(trial):
+            trial.set_user_attr("owner", f"{HOST}:{os.getpid()}")
+            params = {name: _suggest(trial, name, spec) for name, spec in space.items()}
+            trial.set_user_attr("key", param_key(params))
+            trial.set_user_attr("fixed", fixed)
+            everything = dict(fixed, **params)
+            digest = hashlib.sha1(param_key(everything).encode()).hexdigest()[:10]
+            # Keyed by config and parameters, not by stage: equal parameters in two stages train once.
+            folder = os.path.join(self.output, "trials", stage["config"], digest)
+            trial.set_user_attr("output_dir", folder)
+            overrides = list(self.spec["overrides"]) + [x for kv in everything.items() for x in kv]
+            seeds = self.spec["seeds"] or [None]
+            values = []
+            for seed in seeds:
+                out = folder if seed is None else os.path.join(folder, f"seed{seed}")
+                extra = [] if seed is None else ["SEED", seed]
+                self.log(f"[{stage['name']}] trial {trial.number}: {everything} seed {seed} -> {out}")
+                try:
+                    values.append(_read_metric(run_trial(config, overrides + extra, out, self.num_gpus),
+                                               self.spec["metric"]))
+                except TrialFailed as e:
+                    trial.set_user_attr("error", str(e))  # a real failure, not a kill: not retried by default
+                    self.log(f"[{stage['name']}] trial {trial.number} failed: {e}")
+                    raise
+            trial.set_user_attr("values", values)
+            value = sum(values) / len(values)
+            self.log(f"[{stage['name']}] trial {trial.number}: {self.spec['metric']} = {value:.3f}")
+            return value
+
+        return objective
+
+    def run_stage(self, stage):
+        from optuna.trial import TrialState
+
+        study = self.study(stage)
+        objective = self.objective(stage, self.fixed_params(stage))
+        while True:
+            fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+                       or (t.state == TrialState.FAIL and "error" in t.user_attrs and not self.retry_failed)]
+            if stage["sampler"] == "grid":
+                taken = {t.user_attrs.get("key") or param_key(t.system_attrs.get("fixed_params", t.params))
+                         for t in counted}
+                todo = [p for p in grid_points(stage["grid"]) if param_key(p) not in taken]
+                waiting = [t for t in trials if t.state == TrialState.WAITING]
+                if not todo and not waiting:
+                    break
+                if not waiting:
+                    study.enqueue_trial(todo[0], user_attrs={"key": param_key(todo[0])})
+            else:
+                if len(counted) >= int(stage["n_trials"]):
+                    break
+            study.optimize(objective, n_trials=1, catch=(TrialFailed,))
+            self.write_reports()
+
+    def run(self):
+        for stage in self.spec["stages"]:
+            self.run_stage(stage)
+        return self.write_reports()
+
+    # --------------------------------------------------------------------------------------------------
+    # Reports
+    # --------------------------------------------------------------------------------------------------
+    def rows(self):
+        """One dict per finished trial, in stage order."""
+        from optuna.trial import TrialState
+
+        rows = []
+        for stage in self.spec["stages"]:
+            for t in self.study(stage).get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                rows.append({
+                    "stage": stage["name"],
+                    "config": stage["config"],
+                    "trial": t.number,
+                    "params": dict(t.user_attrs.get("fixed", {}), **t.params),
+                    "metric": t.value,
+                    "values": t.user_attrs.get("values", [t.value]),
+                    "output_dir": t.user_attrs.get("output_dir", ""),
+                })
+        return rows
+
+    def best_by_config(self, rows):
+        sign = 1 if self.spec["direction"] == "maximize" else -1
+        best = {}
+        for name in self.spec["compare"]:
+            candidates = [r for r in rows if r["config"] == name]
+            if candidates:
+                best[name] = max(candidates, key=lambda r: sign * r["metric"])
+        return best
+
+    def write_reports(self):
+        rows = self.rows()
+        keys = sorted({k for r in rows for k in r["params"]})
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["stage", "config", "trial"] + keys + [self.spec["metric"], "output_dir"])
+        for r in rows:
+            writer.writerow([r["stage"], r["config"], r["trial"]] + [r["params"].get(k, "") for k in keys]
+                            + [f"{r['metric']:.4f}", r["output_dir"]])
+        io_ = _io()
+        io_.atomic_write_text(os.path.join(self.output, "results.csv"), buf.getvalue())
+        best = self.best_by_config(rows)
+        io_.atomic_write_text(os.path.join(self.output, "results.md"), self._markdown(rows, keys, best))
+        if rows:
+            self._plot(rows, best)
+        return {"rows": rows, "best": best}
+
+    def _markdown(self, rows, keys, best):
+        metric = self.spec["metric"]
+        lines = [f"# Sweep {self.spec['name']}", "", f"Metric: `{metric}` ({self.spec['direction']}), "
+                 f"{len(rows)} finished trials. Storage: `{self.storage_url}`.", ""]
+        if best:
+            lines += ["## Best settings side by side", ""]
+            names = list(best)
+            lines.append("| | " + " | ".join(names) + " |")
+            lines.append("|---|" + "---|" * len(names))
+            lines.append(f"| {metric} | " + " | ".join(f"{best[n]['metric']:.2f}" for n in names) + " |")
+            lines.append("| stage | " + " | ".join(best[n]["stage"] for n in names) + " |")
+            for k in sorted({k for n in names for k in best[n]["params"]}):
+                lines.append(f"| {k} | " + " | ".join(str(best[n]["params"].get(k, "")) for n in names) + " |")
+            lines.append("")
+        for stage in self.spec["stages"]:
+            srows = [r for r in rows if r["stage"] == stage["name"]]
+            if not srows:
+                continue
+            sign = -1 if self.spec["direction"] == "maximize" else 1
+            srows.sort(key=lambda r: sign * r["metric"])
+            skeys = [k for k in keys if any(k in r["params"] for r in srows)]
+            lines += [f"## Stage {stage['name']} ({stage['config']}, {stage['sampler']})", ""]
+            lines.append("| trial | " + " | ".join(skeys) + f" | {metric} |")
+            lines.append("|---|" + "---|" * (len(skeys) + 1))
+            for r in srows:
+                lines.append(f"| {r['trial']} | " + " | ".join(str(r["params"].get(k, "")) for k in skeys)
+                             + f" | {r['metric']:.2f} |")
+            lines.append("")
+        return "\n".join(lines)
+
+    def _plot(self, rows, best):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        stages = [s for s in self.spec["stages"] if any(r["stage"] == s["name"] for r in rows)]
+        fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4 * (len(stages) + 1), 4), squeeze=False)
+        for ax, stage in zip(axes[0], stages):
+            srows = [r for r in rows if r["stage"] == stage["name"]]
+            space = stage["grid"] if stage["sampler"] == "grid" else stage["space"]
+            labels = ["\n".join(f"{k.split('.')[-1]}={r['params'][k]:.3g}" if isinstance(r["params"][k], float)
+                                else f"{k.split('.')[-1]}={r['params'][k]}" for k in space) for r in srows]
+            ax.bar(range(len(srows)), [r["metric"] for r in srows], color="tab:blue")
+            ax.set_xticks(range(len(srows)), labels, fontsize=6)
+            ax.set_title(stage["name"], fontsize=9)
+            ax.set_ylabel(self.spec["metric"])
+        ax = axes[0][-1]
+        names = list(best)
+        ax.bar(range(len(names)), [best[n]["metric"] for n in names], color="tab:green")
+        ax.set_xticks(range(len(names)), names)
+        ax.set_title("best per config", fontsize=9)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        with _io().atomic_write(os.path.join(self.output, "results.png"), "wb") as f:
+            f.write(buf.getvalue())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config-file", required=True, help="the sweep file (YAML)")
+    parser.add_argument("--output", required=True, help="folder of the study database, trials and reports")
+    parser.add_argument("--storage", default=None, help="SQLAlchemy URL of a shared study (default DIR/study.db)")
+    parser.add_argument("--num-gpus", type=int, default=None, help="processes per trial (train_net.py --num-gpus)")
+    parser.add_argument("--retry-failed", action="store_true", help="run again the points whose training failed")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the reports from the studies")
+    args = parser.parse_args(argv)
+    sweep = Sweep(load_sweep(args.config_file), args.output, args.storage, args.num_gpus, args.retry_failed)
+    result = sweep.write_reports() if args.report_only else sweep.run()
+    for name, row in result["best"].items():
+        print(f"best {name}: {sweep.spec['metric']} = {row['metric']:.3f} with {row['params']} ({row['stage']})")
+    print(f"results: {os.path.join(sweep.output, 'results.md')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
