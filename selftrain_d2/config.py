@@ -214,6 +214,9 @@ def _add_semisup_keys(cfg):
     sa.ERASE_SCALE = (0.02, 0.2)
     sa.ERASE_RATIO = (0.3, 3.3)
 
+    # Settings of variants under projects/: any keys, declared by the project's own YAML files.
+    cfg.PROJECTS = CN(new_allowed=True)
+
 
 def _add_mask_former_keys(cfg):
     """The keys (names and defaults) of the reference Mask2Former configs, so its YAML files merge."""

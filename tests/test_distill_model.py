@@ -86,6 +86,7 @@ def test_adapters_and_critic_saved_and_restored(kd_cfg, tmp_path):
     sum(model(_batch()).values()).backward()  # one critic step: Adam state and weights change
     assert model.kd_losses["holistic"].adam_step.item() == 1
     out = tmp_path / "run"
+    out.mkdir()
     DetectionCheckpointer(model, str(out)).save("model_0000000")
     saved = torch.load(out / "model_0000000.pth", map_location="cpu", weights_only=False)["model"]
     assert not any(k.startswith("teacher") for k in saved)

@@ -268,3 +268,41 @@ def test_two_process_cpu_ddp_trains(tmp_path, teacher_weights):
     metrics = [json.loads(line) for line in open(out / "metrics.json")]
     assert metrics[-1]["iteration"] == 2 and "loss_ce_unsup" in metrics[-1]
     assert all(torch.isfinite(torch.tensor(m["total_loss"])) for m in metrics if "total_loss" in m)
+
+
+SEMISUP_CONFIGS = sorted(
+    os.path.join(d, f) for d in (os.path.join(ROOT, "configs", "coco", "semi-supervised"),
+                                 os.path.join(ROOT, "configs", "cityscapes", "semi-supervised"))
+    for f in os.listdir(d) if f.startswith("guided-distillation-")
+)
+
+
+def test_semi_supervised_configs_cover_the_paper_settings_and_merge():
+    names = {os.path.basename(p) for p in SEMISUP_CONFIGS}
+    for pcts, count in [(("0.4", "1", "2", "5", "10"), "coco"), (("5", "10", "20", "30"), "cityscapes")]:
+        for bb in ("R50", "swin-tiny", "dinov2-vitb14"):
+            for pct in pcts:
+                assert f"guided-distillation-{bb}-{pct}pct.yaml" in names, (count, bb, pct)
+    from selftrain_d2.data import MAPPER_REGISTRY
+
+    for path in SEMISUP_CONFIGS:
+        cfg = load_config(path)
+        assert cfg.SELFTRAIN.TRAINER == "SemiSupervisedTrainer" and cfg.SEMISUP.EMA_DECAY == 0.9996, path
+        assert cfg.SEMISUP.UNLABELED_MAPPER_NAME in MAPPER_REGISTRY
+        (name, base, split_file), = cfg.DATASETS.SPLITS
+        assert cfg.DATASETS.TRAIN == (name,) and cfg.DATASETS.TRAIN_UNLABELED == (name + "_unlabeled",)
+        pct = os.path.basename(path).rsplit("-", 1)[1].replace(".yaml", "")
+        assert split_file.endswith(f"/{base}/{pct}_seed1.txt"), path
+
+
+def test_recipe_train_stage_passes_the_teacher_weights(tmp_path):
+    from selftrain_d2.recipe import load_recipe
+    from selftrain_d2.recipe.stages import STAGE_REGISTRY, RecipeContext
+
+    recipe = load_recipe(os.path.join(ROOT, "configs", "demo", "guided-distillation.yaml"))
+    assert [s.name for s in recipe.stages] == ["teacher", "student", "ema_teacher"]
+    ctx = RecipeContext(recipe, tmp_path)
+    ctx.results["teacher"] = {"weights": "/runs/teacher/model_final.pth"}
+    stage = STAGE_REGISTRY.get("train")(recipe.stage("student"), ctx)
+    assert stage._derived_opts() == ["SEMISUP.TEACHER.WEIGHTS", "/runs/teacher/model_final.pth"]
+    assert stage.dependencies() == ["teacher"]

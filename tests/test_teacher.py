@@ -6,7 +6,6 @@ from torch import nn
 from selftrain_d2.config import get_selftrain_cfg
 from selftrain_d2.teacher import (
     PSEUDO_FILTER_REGISTRY,
-    Candidates,
     FrozenTeacher,
     PseudoLabeler,
     build_pseudo_filters,

@@ -216,8 +216,7 @@ def fail_stale_trials(study):
         host, _, pid = str(t.user_attrs.get("owner", "")).rpartition(":")
         if host == HOST and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-    if study._storage.is_heartbeat_enabled():
-        optuna.storages.fail_stale_trials(study)
+    optuna.storages.fail_stale_trials(study)  # does nothing unless the storage has heartbeats
 
 
 def _suggest(trial, name, spec):

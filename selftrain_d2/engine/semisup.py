@@ -89,7 +89,7 @@ def check_finite_losses(loss_dict, iteration):
         return
     name, value = next((k, float(v)) for (k, v), ok in zip(loss_dict.items(), finite.tolist()) if not ok)
     raise FloatingPointError(f"Loss term {name!r} is {value} at iteration {iteration}: training stopped. "
-                             f"All loss terms: { {k: round(float(v), 4) for k, v in loss_dict.items()} }")
+                             f"All loss terms: { {k: round(float(v.detach()), 4) for k, v in loss_dict.items()} }")
 
 
 class TeacherSchedule(HookBase):

@@ -39,6 +39,8 @@ def dilate_stages(stages):
     for blocks in stages:
         new_dilation = dilation * 2
         for i, block in enumerate(blocks):
+            if isinstance(getattr(block, "stride", None), int):  # Detectron2's CNNBlockBase records its stride
+                block.stride = 1
             for conv in block.modules():
                 if not isinstance(conv, nn.Conv2d):
                     continue
