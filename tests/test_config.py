@@ -16,19 +16,34 @@ from .conftest import DEMO_CONFIG, ROOT
 ALL_YAML = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 
 
-def _is_recipe(path):
-    """Recipe files (tools/run_recipe.py) are mappings with ``stages``; the rest are Detectron2 configs."""
+def _load(path):
     with open(path) as f:
-        data = yaml.safe_load(f)
-    return isinstance(data, dict) and "stages" in data
+        return yaml.safe_load(f)
 
 
-RECIPES = [p for p in ALL_YAML if _is_recipe(p)]
-CONFIGS = [p for p in ALL_YAML if p not in RECIPES]
+def _is_detectron2_config(data):
+    """Detectron2 configs have upper-case top-level keys (MODEL, _BASE_ ...); recipes and sweeps lower-case."""
+    return isinstance(data, dict) and all(str(k).isupper() or str(k).startswith("_") for k in data)
+
+
+def _is_recipe(data):
+    stages = data.get("stages") if isinstance(data, dict) else None
+    return isinstance(stages, dict) and all(isinstance(v, dict) and "type" in v for v in stages.values())
+
+
+RECIPES = [p for p in ALL_YAML if _is_recipe(_load(p))]
+CONFIGS = [p for p in ALL_YAML if _is_detectron2_config(_load(p))]
 
 
 def test_configs_exist():
     assert len(CONFIGS) >= 5
+
+
+def test_every_yaml_is_a_config_a_recipe_or_a_sweep():
+    for path in ALL_YAML:
+        data = _load(path)
+        is_sweep = isinstance(data, dict) and isinstance(data.get("stages"), list)  # tools/sweep.py
+        assert path in CONFIGS or path in RECIPES or is_sweep, path
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))

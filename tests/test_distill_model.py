@@ -28,17 +28,24 @@ def _pspnet_cfg(head):
     return cfg
 
 
-@pytest.fixture
-def kd_cfg(tmp_path):
+@pytest.fixture(scope="module")
+def teacher_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("teacher")
     teacher_cfg = _pspnet_cfg(head=16)
     torch.manual_seed(1)
     teacher = build_model(teacher_cfg)
-    DetectionCheckpointer(teacher, str(tmp_path)).save("teacher")
-    (tmp_path / "teacher.yaml").write_text(teacher_cfg.dump())
+    DetectionCheckpointer(teacher, str(folder)).save("teacher")
+    (folder / "teacher.yaml").write_text(teacher_cfg.dump())
+    return folder, teacher
+
+
+@pytest.fixture
+def kd_cfg(teacher_files):
+    folder, teacher = teacher_files
     cfg = _pspnet_cfg(head=8)
     cfg.MODEL.META_ARCHITECTURE = "Distiller"
-    cfg.DISTILL.TEACHER.CONFIG = str(tmp_path / "teacher.yaml")
-    cfg.DISTILL.TEACHER.WEIGHTS = str(tmp_path / "teacher.pth")
+    cfg.DISTILL.TEACHER.CONFIG = str(folder / "teacher.yaml")
+    cfg.DISTILL.TEACHER.WEIGHTS = str(folder / "teacher.pth")
     cfg.DISTILL.LOSSES = ["pixel_kd", "cwd", "skd", "ifvd", "holistic"]
     cfg.DISTILL.CWD.TAP = "features"  # 8 student channels against 16: needs an adapter
     cfg.DISTILL.SKD.PATCH = 1
@@ -48,7 +55,7 @@ def kd_cfg(tmp_path):
 
 def _batch(n=2):
     g = torch.Generator().manual_seed(0)
-    return [{"image": torch.rand(3, 64, 64, generator=g) * 255, "sem_seg": torch.randint(0, 3, (64, 64), generator=g)}
+    return [{"image": torch.rand(3, 32, 64, generator=g) * 255, "sem_seg": torch.randint(0, 3, (32, 64), generator=g)}
             for _ in range(n)]
 
 
@@ -122,7 +129,7 @@ def test_inference_is_the_students(kd_cfg):
     batch = [{"image": x["image"]} for x in _batch(1)]
     with torch.no_grad():
         ours, students = model(batch)[0]["sem_seg"], model.student(batch)[0]["sem_seg"]
-    assert ours.shape == (3, 64, 64) and torch.equal(ours, students)
+    assert ours.shape == (3, 32, 64) and torch.equal(ours, students)
 
 
 def test_missing_teacher_weights_and_unknown_tap_fail_clearly(kd_cfg):
@@ -134,3 +141,27 @@ def test_missing_teacher_weights_and_unknown_tap_fail_clearly(kd_cfg):
     cfg.DISTILL.TAPS = [["logits", "classifer", "classifier"], ["features", "psp", "psp"]]
     with pytest.raises(KeyError, match="did you mean classifier"):
         build_model(cfg)
+
+
+def test_shipped_kd_configs_merge():
+    import glob
+    import importlib.util
+    import os
+
+    from selftrain_d2.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = glob.glob(os.path.join(root, "configs", "*", "knowledge-distillation", "*.yaml"))
+    files += [f for f in glob.glob(os.path.join(root, "configs", "demo", "*.yaml"))
+              if os.path.basename(f).startswith(("pspnet", "kd-")) and not f.endswith("kd-sweep.yaml")]
+    assert len(files) >= 27
+    for f in files:
+        cfg = load_config(f)
+        if cfg.MODEL.META_ARCHITECTURE == "Distiller":
+            assert os.path.isfile(os.path.join(root, cfg.DISTILL.TEACHER.CONFIG)), f
+            assert load_config(os.path.join(root, cfg.DISTILL.TEACHER.CONFIG)).MODEL.META_ARCHITECTURE == "PSPNet"
+    spec = importlib.util.spec_from_file_location("sweep_cfg", os.path.join(root, "tools", "sweep.py"))
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    spec = sweep.load_sweep(os.path.join(root, "configs", "demo", "kd-sweep.yaml"))
+    assert all(os.path.isfile(os.path.join(root, c)) for c in spec["configs"].values())

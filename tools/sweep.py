@@ -47,6 +47,7 @@ Sweep file (YAML)::
 """
 import argparse
 import csv
+import datetime
 import hashlib
 import io
 import json
@@ -54,6 +55,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import yaml
 
@@ -216,7 +218,9 @@ def fail_stale_trials(study):
         host, _, pid = str(t.user_attrs.get("owner", "")).rpartition(":")
         if host == HOST and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-    optuna.storages.fail_stale_trials(study)  # does nothing unless the storage has heartbeats
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # does nothing unless the storage has heartbeats
 
 
 def _suggest(trial, name, spec):
@@ -316,11 +320,14 @@ class Sweep:
 
         study = self.study(stage)
         objective = self.objective(stage, self.fixed_params(stage))
+        started = datetime.datetime.now()
         while True:
             fail_stale_trials(study)
             trials = study.get_trials(deepcopy=False)
+            # Failed trials (not killed ones) count as done, unless retrying: then once per invocation.
             counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
-                       or (t.state == TrialState.FAIL and "error" in t.user_attrs and not self.retry_failed)]
+                       or (t.state == TrialState.FAIL and "error" in t.user_attrs
+                           and (not self.retry_failed or t.datetime_start >= started))]
             if stage["sampler"] == "grid":
                 taken = {t.user_attrs.get("key") or param_key(t.system_attrs.get("fixed_params", t.params))
                          for t in counted}

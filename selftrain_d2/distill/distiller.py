@@ -49,7 +49,9 @@ def parse_taps(entries, needed):
         student[name], teacher[name] = s, t
     missing = sorted(set(needed) - set(student))
     if missing:
-        raise ValueError(f"the KD losses read taps {missing}, which DISTILL.TAPS does not define (it has {sorted(student)})")
+        raise ValueError(
+            f"the KD losses read taps {missing}, which DISTILL.TAPS does not define (it has {sorted(student)})"
+        )
     return {n: student[n] for n in needed}, {n: teacher[n] for n in needed}
 
 

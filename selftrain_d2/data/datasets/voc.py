@@ -86,7 +86,9 @@ def load_voc_sem_seg(name, voc_root, label_folder, list_name):
     if missing:
         shown = "".join(f"\n  {p}" for p in missing[:_SHOWN])
         more = f"\n  ... and {len(missing) - _SHOWN} more" if len(missing) > _SHOWN else ""
-        raise FileNotFoundError(f"Dataset {name!r}: {len(missing)} files named by {list_file} are missing:{shown}{more}")
+        raise FileNotFoundError(
+            f"Dataset {name!r}: {len(missing)} files named by {list_file} are missing:{shown}{more}"
+        )
     return records
 
 

@@ -52,7 +52,9 @@ class TimmFeatureBackbone(Backbone):
         own = model.state_dict()
         missing = sorted(k for k in own if k not in state)
         if missing:
-            raise RuntimeError(f"MODEL.TIMM.WEIGHTS {path} lacks {len(missing)} weights of the model, e.g. {missing[:5]}")
+            raise RuntimeError(
+                f"MODEL.TIMM.WEIGHTS {path} lacks {len(missing)} weights of the model, e.g. {missing[:5]}"
+            )
         model.load_state_dict({k: state[k] for k in own})
 
     def forward(self, x):

@@ -182,11 +182,13 @@ class PSPNet(nn.Module):
             targets = [x["sem_seg"].to(self.device) for x in batched_inputs]
             targets = ImageList.from_tensors(targets, self.size_divisibility, pad_value=self.ignore_value).tensor
             targets = targets.long()
-            losses = {"loss_sem_seg": F.cross_entropy(scores, targets, ignore_index=self.ignore_value) * self.loss_weight}
+            main = F.cross_entropy(scores, targets, ignore_index=self.ignore_value)
+            losses = {"loss_sem_seg": main * self.loss_weight}
             if self.aux_feature:
                 aux = self.aux_head(features[self.aux_feature])
                 aux = F.interpolate(aux, size=targets.shape[-2:], mode="bilinear", align_corners=False)
-                losses["loss_sem_seg_aux"] = F.cross_entropy(aux, targets, ignore_index=self.ignore_value) * self.aux_weight
+                aux = F.cross_entropy(aux, targets, ignore_index=self.ignore_value)
+                losses["loss_sem_seg_aux"] = aux * self.aux_weight
             return losses
         results = []
         for score, x, image_size in zip(scores, batched_inputs, images.image_sizes):
