@@ -193,3 +193,14 @@ def test_self_training_recipe_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     monkeypatch.setattr(stages, "_run", lambda cmd, what: calls.append(what))
     run_recipe(recipe, out)
     assert calls == []
+
+
+def test_stage_hash_depends_on_settings_not_on_unrelated_defaults(monkeypatch):
+    from selftrain_d2.recipe.stages import config_delta
+
+    from .conftest import DEMO_CONFIG
+
+    base = config_delta(DEMO_CONFIG, [])
+    assert "SOLVER.MAX_ITER: 300" in base and not any(line.startswith("SOLVER.MOMENTUM") for line in base)
+    assert config_delta(DEMO_CONFIG, ["SOLVER.MAX_ITER", "10"]) != base
+    assert config_delta(DEMO_CONFIG, ["SOLVER.MOMENTUM", "0.9"]) == base  # the default: no change

@@ -133,11 +133,23 @@ class Stage:
         raise NotImplementedError
 
 
-def _merged_config_text(config_file, opts):
-    """The full config a training command would run with (minus paths given by the recipe), as text."""
-    from ..config import load_config
+def config_delta(config_file, opts):
+    """The settings of a config (with ``opts``) that differ from the defaults, as sorted ``KEY: value`` lines.
 
-    return load_config(config_file, opts).dump()
+    What a stage's hash is built from: keys added to the package later (with defaults that keep old behaviour)
+    do not invalidate finished stages. A changed default does not either; rerun such stages by hand
+    (delete their folder)."""
+    from ..config import get_selftrain_cfg, load_config
+
+    def flat(node, prefix=""):
+        out = {}
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            out.update(flat(value, name + ".") if isinstance(value, dict) else {name: value})
+        return out
+
+    merged, defaults = flat(load_config(config_file, opts)), flat(get_selftrain_cfg())
+    return sorted(f"{k}: {v!r}" for k, v in merged.items() if k not in defaults or defaults[k] != v)
 
 
 @STAGE_REGISTRY.register("train")
@@ -170,7 +182,7 @@ class TrainStage(Stage):
 
     def fingerprint(self):
         config = self.ctx.config_path(self.options["config"])
-        return {"config": _merged_config_text(config, self.opts + self.ctx.opts)}
+        return {"config": config_delta(config, self.opts + self.ctx.opts)}
 
     def run(self, out_dir, resume):
         cmd = [self.ctx.python, tool_path("train_net.py"), "--config-file", self.ctx.config_path(self.options["config"]),
