@@ -1,8 +1,8 @@
 # selftrain-d2: `make demo` and `make test` set everything up themselves.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_CONFIG ?= configs/demo/deeplabv3plus-effnetlite0.yaml
-DEMO_OUTPUT ?= output/demo
+DEMO_RECIPE ?= configs/demo/self-training.yaml
+DEMO_OUTPUT ?= output/demo/self-training
 
 .PHONY: setup demo test clean-demo-cache
 
@@ -10,8 +10,7 @@ setup:
 	@bash tools/setup_env.sh
 
 demo: setup
-	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUTPUT)
-	@$(PY) tools/show_metrics.py $(DEMO_OUTPUT)
+	$(PY) tools/run_recipe.py --config-file $(DEMO_RECIPE) --output $(DEMO_OUTPUT)
 
 test: setup
 	$(PY) -m pytest -q tests
