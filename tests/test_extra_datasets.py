@@ -41,11 +41,12 @@ def _stripes(*values):
 
 
 def _prepare_script(name):
-    path = os.path.join(ROOT, "datasets", f"prepare_{name}.py")
-    spec = importlib.util.spec_from_file_location(f"prepare_{name}", path)
+    """datasets/prepare_sem_seg.py NAME, as a function of the remaining command-line arguments."""
+    path = os.path.join(ROOT, "datasets", "prepare_sem_seg.py")
+    spec = importlib.util.spec_from_file_location("prepare_sem_seg", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return lambda argv: module.main([name] + list(argv))
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ def test_mapillary_needs_prepare_then_loads_train_ids(tmp_path, prefix):
     with pytest.raises(FileNotFoundError) as err:
         DatasetCatalog.get(names[0])
     msg = str(err.value)
-    for part in (repr(names[0]), str(prep / "mapillary_vistas" / "train"), "prepare_mapillary_vistas.py",
+    for part in (repr(names[0]), str(prep / "mapillary_vistas" / "train"), "prepare_sem_seg.py mapillary_vistas",
                  f"--root {root}", f"--output {prep}"):
         assert part in msg, part
 
@@ -193,7 +194,7 @@ def test_kitti_label_ids_to_train_ids_and_evaluator(tmp_path, prefix):
         _label(str(root / "data_semantics" / "training" / "semantic" / f"{stem}.png"), arr)
     (name,) = kitti.register_kitti(root=str(root), prepared=str(prep), prefix=prefix)
     assert name == f"{prefix}_train"
-    with pytest.raises(FileNotFoundError, match="prepare_kitti.py"):
+    with pytest.raises(FileNotFoundError, match="prepare_sem_seg.py kitti"):
         DatasetCatalog.get(name)
     _prepare_script("kitti")(["--root", str(root), "--output", str(prep)])
     records = DatasetCatalog.get(name)

@@ -6,7 +6,7 @@ Public layout under ``$DETECTRON2_DATASETS/CamVid``::
     val/<name>.png     valannot/<name>.png
     test/<name>.png    testannot/<name>.png
 
-Annotations hold ids 0..10 (the classes below) and 11 (void). ``datasets/prepare_camvid.py`` maps 11 to 255
+Annotations hold ids 0..10 (the classes below) and 11 (void). ``datasets/prepare_sem_seg.py camvid`` maps 11 to 255
 into the prepared root (see ``sem_seg_layout``); the registered datasets read those copies.
 """
 import os
@@ -64,7 +64,7 @@ def register_camvid(root=None, prepared=None, prefix="camvid_sem_seg"):
         label_dir = _prepared_dir(root, prepared, split)
         hint = (
             "Its train-id label maps are converted copies of the annotations: run "
-            f"`python datasets/prepare_camvid.py --root {_root(root)} "
+            f"`python datasets/prepare_sem_seg.py camvid --root {_root(root)} "
             f"--output {os.path.dirname(os.path.dirname(label_dir))}`."
         )
         names.append(

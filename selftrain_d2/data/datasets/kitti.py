@@ -5,7 +5,7 @@ Public layout of ``data_semantics.zip`` under ``$DETECTRON2_DATASETS/data_semant
     training/image_2/<frame>_10.png    training/semantic/<frame>_10.png    (Cityscapes label ids)
     testing/image_2/<frame>_10.png                                         (no labels)
 
-There is no official validation split. ``datasets/prepare_kitti.py`` maps the label ids to the 19
+There is no official validation split. ``datasets/prepare_sem_seg.py kitti`` maps the label ids to the 19
 Cityscapes train ids with cityscapesscripts' label table (others to 255) into the prepared root (see
 ``sem_seg_layout``); the registered dataset reads those copies. The test images, unlabeled, can be
 registered with ``DATASETS.IMAGE_FOLDERS``.
@@ -60,7 +60,7 @@ def register_kitti(root=None, prepared=None, prefix="kitti_sem_seg"):
     names, colors = cityscapes_train_classes()
     hint = (
         "Its train-id label maps are converted from the Cityscapes label ids: run "
-        f"`python datasets/prepare_kitti.py --root {_root(root)} "
+        f"`python datasets/prepare_sem_seg.py kitti --root {_root(root)} "
         f"--output {os.path.dirname(os.path.dirname(label_dir))}`."
     )
     return [

@@ -7,7 +7,7 @@ Public layout under ``$DETECTRON2_DATASETS/mapillary_vistas`` (the v2.0 download
     validation/images/<key>.jpg    validation/v1.2/labels/<key>.png
 
 Label PNGs hold the index into ``config_v1.2.json``'s label list: 0..64 are the classes, 65 is
-"Unlabeled". ``datasets/prepare_mapillary_vistas.py`` maps 65 to 255 into the prepared root (see
+"Unlabeled". ``datasets/prepare_sem_seg.py mapillary_vistas`` maps 65 to 255 into the prepared root (see
 ``sem_seg_layout``); the registered datasets read those copies and evaluate the 65 classes.
 """
 import os
@@ -106,7 +106,7 @@ def register_mapillary_vistas(root=None, prepared=None, prefix="mapillary_vistas
         label_dir = _prepared_dir(root, prepared, split)
         hint = (
             "Its train-id label maps are converted copies of the v1.2 labels: run "
-            f"`python datasets/prepare_mapillary_vistas.py --root {_root(root)} "
+            f"`python datasets/prepare_sem_seg.py mapillary_vistas --root {_root(root)} "
             f"--output {os.path.dirname(os.path.dirname(label_dir))}`."
         )
         names.append(

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.projects.deeplab.loss import DeepLabCE
-from detectron2.structures import ImageList
 from torch import nn
+
+from .dense import normalized_images, padded_targets, sem_seg_results
 
 __all__ = ["FastSCNN", "Bottleneck", "DSConv", "PyramidPooling", "FeatureFusion"]
 
@@ -208,18 +208,9 @@ class FastSCNN(nn.Module):
         return F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     def forward(self, batched_inputs):
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.size_divisibility)
+        images = normalized_images(batched_inputs, self.pixel_mean, self.pixel_std, self.size_divisibility)
         scores = self.logits(images.tensor)
         if self.training:
-            if "sem_seg" not in batched_inputs[0]:
-                raise ValueError("FastSCNN in training mode needs 'sem_seg' in every input (the mapper's label map)")
-            targets = [x["sem_seg"].to(self.device) for x in batched_inputs]
-            targets = ImageList.from_tensors(targets, self.size_divisibility, pad_value=self.ignore_value).tensor
-            return {"loss_sem_seg": self.loss(scores, targets.long()) * self.loss_weight}
-        results = []
-        for score, x, image_size in zip(scores, batched_inputs, images.image_sizes):
-            height = x.get("height", image_size[0])
-            width = x.get("width", image_size[1])
-            results.append({"sem_seg": sem_seg_postprocess(score, image_size, height, width)})
-        return results
+            targets = padded_targets(batched_inputs, self.size_divisibility, self.ignore_value, "FastSCNN", self.device)
+            return {"loss_sem_seg": self.loss(scores, targets) * self.loss_weight}
+        return sem_seg_results(scores, batched_inputs, images.image_sizes)

@@ -21,11 +21,10 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import ImageList
 from torch import nn
 
 from ..backbone import timm_features  # noqa: F401  (registers build_timm_backbone)
+from .dense import normalized_images, padded_targets, sem_seg_results
 
 __all__ = ["PSPNet", "PyramidPoolingModule", "backbone_stages", "dilate_backbone", "dilate_stages"]
 
@@ -171,17 +170,12 @@ class PSPNet(nn.Module):
         return self.pixel_mean.device
 
     def forward(self, batched_inputs):
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.size_divisibility)
+        images = normalized_images(batched_inputs, self.pixel_mean, self.pixel_std, self.size_divisibility)
         features = self.backbone(images.tensor)
         scores = self.classifier(self.dropout(self.psp(self.ppm(features[self.in_feature]))))
         scores = F.interpolate(scores, size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
         if self.training:
-            if "sem_seg" not in batched_inputs[0]:
-                raise ValueError("PSPNet in training mode needs 'sem_seg' in every input (the mapper's label map)")
-            targets = [x["sem_seg"].to(self.device) for x in batched_inputs]
-            targets = ImageList.from_tensors(targets, self.size_divisibility, pad_value=self.ignore_value).tensor
-            targets = targets.long()
+            targets = padded_targets(batched_inputs, self.size_divisibility, self.ignore_value, "PSPNet", self.device)
             main = F.cross_entropy(scores, targets, ignore_index=self.ignore_value)
             losses = {"loss_sem_seg": main * self.loss_weight}
             if self.aux_feature:
@@ -190,9 +184,4 @@ class PSPNet(nn.Module):
                 aux = F.cross_entropy(aux, targets, ignore_index=self.ignore_value)
                 losses["loss_sem_seg_aux"] = aux * self.aux_weight
             return losses
-        results = []
-        for score, x, image_size in zip(scores, batched_inputs, images.image_sizes):
-            height = x.get("height", image_size[0])
-            width = x.get("width", image_size[1])
-            results.append({"sem_seg": sem_seg_postprocess(score, image_size, height, width)})
-        return results
+        return sem_seg_results(scores, batched_inputs, images.image_sizes)
