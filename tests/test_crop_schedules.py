@@ -176,3 +176,37 @@ def test_trainer_takes_iterations_lr_and_checkpoint_position_from_the_schedule(f
     hook = next(h for h in trainer._hooks if isinstance(h, CropScheduleHook))
     trainer.iter = 10
     assert hook.state_dict() == {"iteration": 11, "epoch": 1, "crop": [64, 128], "batch": 8, "lr_factor": 4.0}
+
+
+def test_resume_mid_schedule_repeats_the_uninterrupted_run(fast_cfg, tmp_path):
+    import pytest as _pytest
+
+    from selftrain_d2.engine import Trainer
+
+    from .test_training import _assert_same_state, _Killed, _KillAfter, _state
+
+    opts = ["DATASETS.TEST", "()", "MODEL.SEM_SEG_HEAD.NAME", "DeepLabV3PlusGlobalPoolHead",
+            "INPUT.CROP_SCHEDULE.ENABLED", "True", "INPUT.CROP_SCHEDULE.SCALES", "[0.5, 1.0]",
+            "INPUT.CROP_SCHEDULE.EPOCHS", "2", "INPUT.CROP_SCHEDULE.WARMUP_EPOCHS", "1",
+            "INPUT.CROP_SCHEDULE.MAX_BATCH", "8", "SOLVER.CHECKPOINT_PERIOD", "5"]
+    uninterrupted = Trainer(fast_cfg(*opts, "OUTPUT_DIR", str(tmp_path / "a")))
+    uninterrupted.resume_or_load(resume=False)
+    uninterrupted.train()
+    reference = _state(uninterrupted)
+    assert reference["iter"] == 13
+
+    cfg = fast_cfg(*opts, "OUTPUT_DIR", str(tmp_path / "b"))
+    killed = Trainer(cfg)
+    killed.register_hooks([_KillAfter(12)])  # dies in the second epoch (crop 64x128, batch 8)
+    killed.resume_or_load(resume=False)
+    with _pytest.raises(_Killed):
+        killed.train()
+    resumed = Trainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 10  # from model_0000009.pth: the first iteration of the small-crop epoch
+    assert resumed.optimizer.param_groups[0]["lr"] == _pytest.approx(
+        resumed.scheduler.factor(10) * cfg.SOLVER.BASE_LR)
+    batch = next(iter(resumed.data_loader))
+    assert len(batch) == 8 and tuple(batch[0]["image"].shape[-2:]) == (64, 128)
+    resumed.train()
+    _assert_same_state(_state(resumed), reference)

@@ -17,6 +17,7 @@ from selftrain_d2.engine import SemiSupervisedTrainer, TRAINER_REGISTRY, default
 from selftrain_d2.engine.semisup import check_finite_losses
 
 from .conftest import ROOT
+from .test_training import _Killed, _KillAfter
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "guided-distillation-student.yaml")
 SEMANTIC_CONFIG = os.path.join(ROOT, "configs", "demo", "guided-distillation-semantic.yaml")
@@ -53,19 +54,6 @@ def _cfg(out, *opts, config=CONFIG):
     cfg = load_config(config, TINY + ["OUTPUT_DIR", str(out)] + list(opts))
     cfg.freeze()
     return cfg
-
-
-class _Killed(Exception):
-    pass
-
-
-class _KillAfter(HookBase):
-    def __init__(self, n):
-        self.n = n
-
-    def after_step(self):
-        if self.trainer.iter + 1 == self.n:
-            raise _Killed()
 
 
 def _weights(trainer):

@@ -46,6 +46,10 @@ class CropScheduleLR(LRScheduler):
         epoch = self.table.at_iter(iteration)
         return warmup * decay * epoch.lr_factor
 
+    def state_dict(self):
+        # The table is rebuilt from the config; checkpoints hold plain values only (weights_only loading).
+        return {k: v for k, v in super().state_dict().items() if k != "table"}
+
     def get_lr(self):
         f = self.factor(self.last_epoch)
         return [base_lr * f for base_lr in self.base_lrs]
