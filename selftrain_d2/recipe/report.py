@@ -37,7 +37,7 @@ def metrics_table(summary):
             for key in summary[name].get(task, {}):
                 if key not in keys:
                     keys.append(key)
-        headline = [k for k in keys if not k.startswith(("IoU-", "ACC-", "AP-"))]
+        headline = [k for k in keys if "-" not in k]  # mIoU, fwIoU, mACC, pACC, AP, AP50 ...
         per_class = [k for k in keys if k.startswith(("IoU-", "AP-"))]
         for key in headline + per_class:
             rows.append([f"{task}/{key}"] + [_fmt(summary[n].get(task, {}).get(key)) for n in columns])
