@@ -358,3 +358,6 @@ def test_loader_config_errors_name_the_key(tmp_path, new_name):
     # Without pseudo labels or repeats the plan is the plain permutation, as before.
     plain = load_config(DEMO_CONFIG, ["DATASETS.TRAIN", f"('{real}',)"])
     assert isinstance(build_train_loader(plain).dataset.plan, PermutationPlan)
+    # REAL_REPEAT alone (the duplicate-real baseline) ignores PSEUDO_RATIO: there is nothing to draw from.
+    repeat = load_config(DEMO_CONFIG, ["DATASETS.TRAIN", f"('{real}',)", "DATALOADER.REAL_REPEAT", "3"])
+    assert build_train_loader(repeat).dataset.plan.epoch_size == 2 * 3

@@ -210,7 +210,9 @@ def build_sample_plan(cfg, real_names, real_dicts, pseudo_names=(), pseudo_dicts
         elif cs.APPLY_TO == "pseudo":
             logger.warning("DATALOADER.CENTROID_SAMPLING.ENABLED with APPLY_TO 'pseudo' but no DATASETS.TRAIN_PSEUDO: "
                            "nothing is drawn by centroids")
-    plan = MixedPlan(len(real_dicts), len(pseudo_dicts), pseudo_ratio=dl.PSEUDO_RATIO, real_repeat=dl.REAL_REPEAT,
+    # Without pseudo datasets (the duplicate-real-labels baseline) the ratio has nothing to draw from.
+    ratio = dl.PSEUDO_RATIO if pseudo_names else 0.0
+    plan = MixedPlan(len(real_dicts), len(pseudo_dicts), pseudo_ratio=ratio, real_repeat=dl.REAL_REPEAT,
                      real_centroids=real_index, pseudo_centroids=pseudo_index)
     logger.info(
         f"Training epoch: {plan.num_real_samples} real samples ({len(real_dicts)} images x {dl.REAL_REPEAT}"
