@@ -204,3 +204,12 @@ def test_stage_hash_depends_on_settings_not_on_unrelated_defaults(monkeypatch):
     assert "SOLVER.MAX_ITER: 300" in base and not any(line.startswith("SOLVER.MOMENTUM") for line in base)
     assert config_delta(DEMO_CONFIG, ["SOLVER.MAX_ITER", "10"]) != base
     assert config_delta(DEMO_CONFIG, ["SOLVER.MOMENTUM", "0.9"]) == base  # the default: no change
+
+
+def test_a_second_run_on_the_same_output_is_refused(tmp_path):
+    from selftrain_d2.recipe.runner import output_lock
+
+    with output_lock(str(tmp_path)):
+        with pytest.raises(RecipeError, match="another recipe run is using"):
+            run_recipe(_recipe(), tmp_path, report=False)
+    run_recipe(_recipe(), tmp_path, report=False)  # free again

@@ -6,6 +6,8 @@ last checkpoint, labelling from its progress records); one started with another 
 upstream stage changed) is moved aside to ``<stage>.stale-<hash>`` and run afresh, so nothing is lost.
 ``summary.json`` maps every stage that evaluated a model to its Detectron2 evaluator results.
 """
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -13,6 +15,7 @@ import os
 import time
 
 from ..utils.io import atomic_write_json
+from .spec import RecipeError
 from .stages import STAGE_REGISTRY, RecipeContext
 
 __all__ = ["run_recipe", "stage_hash"]
@@ -49,10 +52,37 @@ def _move_aside(stage_dir, old_hash):
     logger.warning("Stage inputs changed: previous results moved to %s", target)
 
 
+@contextlib.contextmanager
+def output_lock(output_dir):
+    """Hold ``OUTPUT/.recipe.lock`` exclusively: two recipe runs on one output folder would write into the
+    same stage folders at once. The lock goes with the process, so a killed run leaves none behind."""
+    path = os.path.join(output_dir, ".recipe.lock")
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RecipeError(f"another recipe run is using {output_dir} ({f.read().strip() or 'lock held'}); wait "
+                              "for it to finish or choose another --output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_recipe(recipe, output_dir, opts=(), num_gpus=1, python=None, report=True):
     """Run (or resume) every stage; returns the summary dict also written to ``OUTPUT/summary.json``."""
+    os.makedirs(output_dir, exist_ok=True)
+    with output_lock(output_dir):
+        return _run_stages(recipe, output_dir, opts, num_gpus, python, report)
+
+
+def _run_stages(recipe, output_dir, opts, num_gpus, python, report):
     ctx = RecipeContext(recipe, output_dir, opts=opts, num_gpus=num_gpus, python=python)
-    os.makedirs(ctx.output_dir, exist_ok=True)
     hashes = {}
     timings = {}
     for spec in recipe.stages:
