@@ -141,7 +141,7 @@ def _worker_init():
 def write_splits(jobs, workers=None, chunk_size=20):
     """Write several splits; ``jobs`` holds (split_dir, domain, split, count, seed) tuples.
 
-    Images are rendered in chunks; with ``workers`` > 1 in that many forked processes (Linux only).
+    Images are rendered in chunks; with ``workers`` > 1 in that many worker processes (Linux only).
     The default is one process: on the 2-vCPU machines this was measured on, a second process gave no
     speed-up. The output does not depend on the number of workers. Returns {(domain, split): stats}.
     """
@@ -154,8 +154,9 @@ def write_splits(jobs, workers=None, chunk_size=20):
     if workers is None:
         workers = 1
     if workers > 1 and len(chunks) > 1 and sys.platform == "linux" and not multiprocessing.current_process().daemon:
-        # fork: the children only run numpy / cv2 drawing code, never torch
-        with multiprocessing.get_context("fork").Pool(min(workers, len(chunks)), initializer=_worker_init) as pool:
+        # spawn, not fork: a forked child inherits OpenCV's thread pool mid-state when the parent has used it
+        # (cv2 calls elsewhere in the process), and then hangs in its first cv2 call.
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(chunks)), initializer=_worker_init) as pool:
             results = pool.map(_render_chunk, chunks, chunksize=1)
     else:
         results = [_render_chunk(c) for c in chunks]
