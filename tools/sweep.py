@@ -199,16 +199,6 @@ def make_storage(url):
     return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=300)
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def fail_stale_trials(study):
     """Mark as failed the RUNNING trials whose process is gone: on this host by pid, elsewhere by heartbeat."""
     import optuna
@@ -216,7 +206,7 @@ def fail_stale_trials(study):
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, _, pid = str(t.user_attrs.get("owner", "")).rpartition(":")
-        if host == HOST and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if host == HOST and pid.isdigit() and int(pid) != os.getpid() and not _io().pid_alive(int(pid)):
             study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -5,7 +5,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "pid_alive"]
 
 
 @contextlib.contextmanager
@@ -45,3 +45,14 @@ def atomic_write_text(path, text):
 def atomic_write_json(path, obj, **kwargs):
     with atomic_write(path, "w") as f:
         json.dump(obj, f, **kwargs)
+
+
+def pid_alive(pid):
+    """Whether process ``pid`` exists on this host (a lock or trial left by a killed process is stale)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

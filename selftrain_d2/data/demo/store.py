@@ -23,6 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
+from ...utils.io import pid_alive
 from .classes import (
     DEFAULT_COUNTS,
     DEFAULT_SEED,
@@ -116,16 +117,6 @@ def _tmp_prefix(root):
     return f".{root.name}.tmp-{socket.gethostname()}-"
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_tmp(root):
     """Delete temporary folders left beside ``root`` by killed generators on this machine."""
     prefix = _tmp_prefix(root)
@@ -138,7 +129,7 @@ def _remove_stale_tmp(root):
             pid = int(entry.name[len(prefix):].split("-", 1)[0])
         except ValueError:
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             logger.info("removing %s, left by an interrupted demo data generation", entry)
             shutil.rmtree(entry, ignore_errors=True)
 
