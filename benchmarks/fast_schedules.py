@@ -8,8 +8,9 @@
 Each row trains the demo DeepLabV3+ (``--config-file``; its head is switched to the global-pool ASPP so any
 crop works) with INPUT.CROP_SCHEDULE on: the constant schedule and each fast schedule with and without a
 crop-size warm-up of W epochs. Every run processes the images SOLVER.MAX_ITER x IMS_PER_BATCH make. Runs go
-through tools/train_net.py in subprocesses; a finished run (final_metrics.json present) is not redone, so a
-killed benchmark resumes. Prints a table (schedule, warm-up, training seconds, images/s, speed-up over
+through tools/train_net.py in subprocesses, each in a folder named by schedule, warm-up, seed and a hash of
+the other settings (config, KEY VALUE options, scales); a finished run (final_metrics.json present) is not
+redone, so a killed benchmark resumes and a variant never reuses another's runs. Prints a table (schedule, warm-up, training seconds, images/s, speed-up over
 constant, mIoU mean +- std over seeds), or with --json one JSON list, one object per row with keys
 schedule, warmup, wall_s, images_per_s, speedup, mIoU (and mIoU_std, seeds, iterations).
 
@@ -17,6 +18,7 @@ wall_s is Detectron2's "Total training time" of the run (training only: model bu
 evaluation, equal for all schedules, are left out), averaged over seeds. Never asserted by tests.
 """
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -49,8 +51,16 @@ def _training_seconds(log_file):
     return total, iters
 
 
+def run_name(args, schedule, warmup, seed):
+    """A run's folder name; the extra KEY VALUE options are part of it, so a variant never reuses another's run."""
+    name = f"{schedule}-w{warmup}-s{seed}"
+    settings = [args.config_file, *args.opts] + ([] if schedule == "constant" else [*map(str, args.scales), args.max_batch])
+    return f"{name}-{hashlib.sha256(repr(settings).encode()).hexdigest()[:8]}"
+
+
 def run_one(args, schedule, warmup, seed):
-    out = os.path.join(args.output, f"{schedule}-w{warmup}-s{seed}")
+    name = run_name(args, schedule, warmup, seed)
+    out = os.path.join(args.output, name)
     metrics = os.path.join(out, "final_metrics.json")
     if not os.path.isfile(metrics):
         cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", args.config_file,
@@ -61,7 +71,7 @@ def run_one(args, schedule, warmup, seed):
                "INPUT.CROP_SCHEDULE.SCALES", repr(args.scales),
                "INPUT.CROP_SCHEDULE.MAX_BATCH", str(args.max_batch), *args.opts]
         start = time.perf_counter()
-        with open(os.path.join(args.output, f"{schedule}-w{warmup}-s{seed}.log"), "w") as log:
+        with open(os.path.join(args.output, f"{name}.log"), "w") as log:
             code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
         if code:
             raise SystemExit(f"run {out} failed (exit {code}); see {log.name}")
