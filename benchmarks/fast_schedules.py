@@ -10,9 +10,9 @@ crop works) with INPUT.CROP_SCHEDULE on: the constant schedule and each fast sch
 crop-size warm-up of W epochs. Every run processes the images SOLVER.MAX_ITER x IMS_PER_BATCH make. Runs go
 through tools/train_net.py in subprocesses, each in a folder named by schedule, warm-up, seed and a hash of
 the other settings (config, KEY VALUE options, scales); a finished run (final_metrics.json present) is not
-redone, so a killed benchmark resumes and a variant never reuses another's runs. Prints a table (schedule, warm-up, training seconds, images/s, speed-up over
-constant, mIoU mean +- std over seeds), or with --json one JSON list, one object per row with keys
-schedule, warmup, wall_s, images_per_s, speedup, mIoU (and mIoU_std, seeds, iterations).
+redone, so a killed benchmark resumes and a variant never reuses another's runs. Prints a table (schedule,
+warm-up, training seconds, images/s, speed-up over constant, mIoU mean +- std over seeds), or with --json one
+JSON list, one object per row with keys schedule, warmup, wall_s, images_per_s, speedup, mIoU (and mIoU_std, seeds, iterations).
 
 wall_s is Detectron2's "Total training time" of the run (training only: model building and the final
 evaluation, equal for all schedules, are left out), averaged over seeds. Never asserted by tests.
@@ -52,9 +52,12 @@ def _training_seconds(log_file):
 
 
 def run_name(args, schedule, warmup, seed):
-    """A run's folder name; the extra KEY VALUE options are part of it, so a variant never reuses another's run."""
+    """A run's folder name, with a hash of every setting that changes the run (the constant schedule ignores
+    the scales and the batch cap, so its runs are shared across those)."""
     name = f"{schedule}-w{warmup}-s{seed}"
-    settings = [args.config_file, *args.opts] + ([] if schedule == "constant" else [*map(str, args.scales), args.max_batch])
+    settings = [os.path.abspath(args.config_file), *args.opts]
+    if schedule != "constant":
+        settings += [*map(str, args.scales), args.max_batch]
     return f"{name}-{hashlib.sha256(repr(settings).encode()).hexdigest()[:8]}"
 
 
