@@ -12,7 +12,8 @@ through tools/train_net.py in subprocesses, each in a folder named by schedule, 
 the other settings (config, KEY VALUE options, scales); a finished run (final_metrics.json present) is not
 redone, so a killed benchmark resumes and a variant never reuses another's runs. Prints a table (schedule,
 warm-up, training seconds, images/s, speed-up over constant, mIoU mean +- std over seeds), or with --json one
-JSON list, one object per row with keys schedule, warmup, wall_s, images_per_s, speedup, mIoU (and mIoU_std, seeds, iterations).
+JSON list, one object per row with keys schedule, warmup, wall_s, images_per_s, speedup, mIoU (and mIoU_std,
+seeds, iterations).
 
 wall_s is Detectron2's "Total training time" of the run (training only: model building and the final
 evaluation, equal for all schedules, are left out), averaged over seeds. Never asserted by tests.
