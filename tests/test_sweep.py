@@ -159,3 +159,48 @@ def test_bad_sweep_file_names_the_problem(tmp_path):
     (tmp_path / "s.yaml").write_text(bad)
     with pytest.raises(sweep.SweepError, match="inherits 'nope'"):
         sweep.load_sweep(str(tmp_path / "s.yaml"))
+
+
+def test_final_seeds_train_each_stage_best_again_and_report_mean_and_spread(tmp_path):
+    (tmp_path / "sweep.yaml").write_text(SWEEP_YAML + "seeds: [7]\nfinal_seeds: [1, 2]\n")
+    sweep = _load()
+    calls = []
+
+    def fake(config, overrides, output_dir, num_gpus=1):
+        o = dict(zip(overrides[::2], overrides[1::2]))
+        calls.append((config, o, output_dir))
+        metrics = {"sem_seg": {"mIoU": _fake_metric(config, overrides) + float(o["SEED"])}}
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "final_metrics.json"), "w") as f:
+            json.dump(metrics, f)
+        return metrics
+
+    sweep.run_trial = fake
+    out = tmp_path / "out"
+    args = ["--config-file", str(tmp_path / "sweep.yaml"), "--output", str(out)]
+    result = sweep.main(args)
+    tuning = [c for c in calls if c[1]["SEED"] == 7]
+    final = [c for c in calls if c[1]["SEED"] != 7]
+    assert len(tuning) == 6
+    # Each stage's best (student lr 0.02; kd-lr lr 0.02 at the default tau; kd-tau lr 0.02, tau 4) at seeds 1, 2.
+    assert [(c[0], c[1]["SOLVER.BASE_LR"], c[1].get("DISTILL.PIXEL_KD.TAU"), c[1]["SEED"]) for c in final] == [
+        ("student.yaml", 0.02, None, 1), ("student.yaml", 0.02, None, 2),
+        ("kd.yaml", 0.02, None, 1), ("kd.yaml", 0.02, None, 2),
+        ("kd.yaml", 0.02, 4.0, 1), ("kd.yaml", 0.02, 4.0, 2)]
+    # A final run lives beside its setting's tuning run: same folder, another seed.
+    tuned = {c[2] for c in tuning}
+    assert all(os.path.join(os.path.dirname(c[2]), "seed7") in tuned for c in final)
+    kd_tau = [r for r in result["final"] if r["stage"] == "kd-tau"][0]
+    assert kd_tau["values"] == [pytest.approx(50 + 2 + 5 + 4 + 1), pytest.approx(50 + 2 + 5 + 4 + 2)]
+    with open(out / "final.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {r["seed"] for r in rows} == {"1", "2"}
+    md = (out / "results.md").read_text()
+    assert "## Each stage's best setting at seeds 1, 2" in md
+    assert "| kd-tau | kd | DISTILL.PIXEL_KD.TAU=4.0, SOLVER.BASE_LR=0.02 | 62.50 +- 0.71 | 62.00 | 63.00 |" in md
+
+    calls.clear()
+    (out / "results.md").unlink()
+    sweep.main(args + ["--report-only"])
+    assert calls == []  # the report reads the finished final runs, trains nothing
+    assert "| kd-tau | kd | DISTILL.PIXEL_KD.TAU=4.0, SOLVER.BASE_LR=0.02 | 62.50 +- 0.71 |" in (out / "results.md").read_text()

@@ -15,7 +15,10 @@ elsewhere: its Optuna heartbeat stopped) is marked failed and its point is run a
 from the trial folder's last checkpoint. Finished trials are never redone.
 
 Outputs: ``DIR/results.csv`` (one row per finished trial: stage, parameters, metric), ``DIR/results.md``
-(tables and the best student-only and best KD settings side by side), ``DIR/results.png``.
+(tables and the best student-only and best KD settings side by side), ``DIR/results.png``. With
+``final_seeds``, once every stage is done, each stage's best setting is trained again at those seeds (seeds
+other than the tuning ones, so the comparison is not flattered by the seed that chose the setting):
+``DIR/final.csv`` has one row per run, and ``results.md`` a table of mean +- std per stage.
 
 Sweep file (YAML)::
 
@@ -27,6 +30,7 @@ Sweep file (YAML)::
     direction: maximize
     overrides: [SOLVER.MAX_ITER, 100]   # KEY VALUE ... for every trial
     seeds: [7]                          # SEED of each run of a trial; the metric is their mean
+    final_seeds: [1, 2, 3]              # optional: each stage's best setting trained again at these seeds
     compare: [student, kd]              # best of the stages of each config, side by side
     stages:
       - name: student-lr-wd
@@ -91,8 +95,8 @@ def load_sweep(path):
     with open(path) as f:
         spec = yaml.safe_load(f) or {}
     where = f"sweep file {path}"
-    unknown = set(spec) - {"name", "configs", "metric", "direction", "overrides", "seeds", "compare", "stages",
-                           "storage", "num_gpus", "seed"}
+    unknown = set(spec) - {"name", "configs", "metric", "direction", "overrides", "seeds", "final_seeds",
+                           "compare", "stages", "storage", "num_gpus", "seed"}
     if unknown:
         raise SweepError(f"{where}: unknown keys {sorted(unknown)}")
     spec.setdefault("name", os.path.splitext(os.path.basename(path))[0])
@@ -100,6 +104,9 @@ def load_sweep(path):
     spec.setdefault("direction", "maximize")
     spec.setdefault("overrides", [])
     spec.setdefault("seeds", [])
+    spec.setdefault("final_seeds", [])
+    if not all(isinstance(x, int) for x in spec["final_seeds"]):
+        raise SweepError(f"{where}: final_seeds must be a list of integers, got {spec['final_seeds']!r}")
     spec.setdefault("num_gpus", 1)
     spec.setdefault("seed", 0)
     configs = spec.get("configs") or {}
@@ -164,6 +171,13 @@ def _read_metric(metrics, path):
             raise TrialFailed(f"metric {path!r} not in final_metrics.json (keys: {sorted(metrics)})")
         value = value[part]
     return float(value)
+
+
+def _mean_std(values):
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, var ** 0.5
 
 
 def run_trial(config_file, overrides, output_dir, num_gpus=1):
@@ -280,20 +294,13 @@ class Sweep:
             trial.set_user_attr("key", param_key(params))
             trial.set_user_attr("fixed", fixed)
             everything = dict(fixed, **params)
-            digest = hashlib.sha1(param_key(everything).encode()).hexdigest()[:10]
-            # Keyed by config and parameters, not by stage: equal parameters in two stages train once.
-            folder = os.path.join(self.output, "trials", stage["config"], digest)
+            folder = self.trial_folder(stage["config"], everything)
             trial.set_user_attr("output_dir", folder)
-            overrides = list(self.spec["overrides"]) + [x for kv in everything.items() for x in kv]
-            seeds = self.spec["seeds"] or [None]
             values = []
-            for seed in seeds:
-                out = folder if seed is None else os.path.join(folder, f"seed{seed}")
-                extra = [] if seed is None else ["SEED", seed]
-                self.log(f"[{stage['name']}] trial {trial.number}: {everything} seed {seed} -> {out}")
+            for seed in self.spec["seeds"] or [None]:
+                self.log(f"[{stage['name']}] trial {trial.number}: {everything} seed {seed}")
                 try:
-                    values.append(_read_metric(run_trial(config, overrides + extra, out, self.num_gpus),
-                                               self.spec["metric"]))
+                    values.append(self.train(stage["config"], everything, seed))
                 except TrialFailed as e:
                     trial.set_user_attr("error", str(e))  # a real failure, not a kill: not retried by default
                     self.log(f"[{stage['name']}] trial {trial.number} failed: {e}")
@@ -304,6 +311,43 @@ class Sweep:
             return value
 
         return objective
+
+    def trial_folder(self, config_name, params):
+        # Keyed by config and parameters, not by stage: equal parameters in two stages train once.
+        digest = hashlib.sha1(param_key(params).encode()).hexdigest()[:10]
+        return os.path.join(self.output, "trials", config_name, digest)
+
+    def train(self, config_name, params, seed=None):
+        """The metric of one training of ``config_name`` with ``params`` (and SEED ``seed``), in its own
+        folder (a finished one is read, not trained again)."""
+        folder = self.trial_folder(config_name, params)
+        out = folder if seed is None else os.path.join(folder, f"seed{seed}")
+        overrides = list(self.spec["overrides"]) + [x for kv in params.items() for x in kv]
+        overrides += [] if seed is None else ["SEED", seed]
+        metrics = run_trial(self.spec["configs"][config_name], overrides, out, self.num_gpus)
+        return _read_metric(metrics, self.spec["metric"])
+
+    def run_final(self, train=True):
+        """Each stage's best setting at every final seed; one row per stage. With ``train`` False only the
+        stages whose final runs have all finished are reported, and nothing is trained."""
+        rows = []
+        for stage in self.spec["stages"]:
+            params = self.best_params(stage["name"])
+            folder = self.trial_folder(stage["config"], params)
+            if not train and not all(os.path.isfile(os.path.join(folder, f"seed{seed}", "final_metrics.json"))
+                                     for seed in self.spec["final_seeds"]):
+                continue
+            values = []
+            for seed in self.spec["final_seeds"]:
+                if train:
+                    self.log(f"[final {stage['name']}] {params} seed {seed}")
+                    values.append(self.train(stage["config"], params, seed))
+                else:
+                    with open(os.path.join(folder, f"seed{seed}", "final_metrics.json")) as f:
+                        values.append(_read_metric(json.load(f), self.spec["metric"]))
+            rows.append({"stage": stage["name"], "config": stage["config"], "params": params,
+                         "seeds": list(self.spec["final_seeds"]), "values": values})
+        return rows
 
     def run_stage(self, stage):
         from optuna.trial import TrialState
@@ -336,7 +380,8 @@ class Sweep:
     def run(self):
         for stage in self.spec["stages"]:
             self.run_stage(stage)
-        return self.write_reports()
+        final = self.run_final() if self.spec["final_seeds"] else None
+        return self.write_reports(final)
 
     # --------------------------------------------------------------------------------------------------
     # Reports
@@ -368,7 +413,9 @@ class Sweep:
                 best[name] = max(candidates, key=lambda r: sign * r["metric"])
         return best
 
-    def write_reports(self):
+    def write_reports(self, final=None):
+        """results.csv, results.md and results.png from the studies; with ``final`` (rows of run_final)
+        also final.csv and a final-seeds table in results.md."""
         rows = self.rows()
         keys = sorted({k for r in rows for k in r["params"]})
         buf = io.StringIO()
@@ -380,10 +427,36 @@ class Sweep:
         io_ = _io()
         io_.atomic_write_text(os.path.join(self.output, "results.csv"), buf.getvalue())
         best = self.best_by_config(rows)
-        io_.atomic_write_text(os.path.join(self.output, "results.md"), self._markdown(rows, keys, best))
+        markdown = self._markdown(rows, keys, best)
+        if final:
+            io_.atomic_write_text(os.path.join(self.output, "final.csv"), self._final_csv(final, keys))
+            markdown += self._final_markdown(final)
+        io_.atomic_write_text(os.path.join(self.output, "results.md"), markdown)
         if rows:
             self._plot(rows, best)
-        return {"rows": rows, "best": best}
+        return {"rows": rows, "best": best, "final": final}
+
+    def _final_csv(self, final, keys):
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["stage", "config"] + keys + ["seed", self.spec["metric"]])
+        for r in final:
+            for seed, value in zip(r["seeds"], r["values"]):
+                writer.writerow([r["stage"], r["config"]] + [r["params"].get(k, "") for k in keys]
+                                + [seed, f"{value:.4f}"])
+        return buf.getvalue()
+
+    def _final_markdown(self, final):
+        seeds = final[0]["seeds"]
+        lines = [f"## Each stage's best setting at seeds {', '.join(map(str, seeds))}", "",
+                 f"| stage | config | setting | {self.spec['metric']} mean +- std | " + " | ".join(
+                     f"seed {s}" for s in seeds) + " |", "|---|---|---|---|" + "---|" * len(seeds)]
+        for r in final:
+            setting = ", ".join(f"{k}={v}" for k, v in sorted(r["params"].items()))
+            mean, std = _mean_std(r["values"])
+            lines.append(f"| {r['stage']} | {r['config']} | {setting} | {mean:.2f} +- {std:.2f} | "
+                         + " | ".join(f"{v:.2f}" for v in r["values"]) + " |")
+        return "\n".join(lines) + "\n"
 
     def _markdown(self, rows, keys, best):
         metric = self.spec["metric"]
@@ -455,9 +528,15 @@ def main(argv=None):
     parser.add_argument("--report-only", action="store_true", help="only rewrite the reports from the studies")
     args = parser.parse_args(argv)
     sweep = Sweep(load_sweep(args.config_file), args.output, args.storage, args.num_gpus, args.retry_failed)
-    result = sweep.write_reports() if args.report_only else sweep.run()
+    if args.report_only:
+        result = sweep.write_reports(sweep.run_final(train=False) if sweep.spec["final_seeds"] else None)
+    else:
+        result = sweep.run()
     for name, row in result["best"].items():
         print(f"best {name}: {sweep.spec['metric']} = {row['metric']:.3f} with {row['params']} ({row['stage']})")
+    for row in result.get("final") or []:
+        mean, std = _mean_std(row["values"])
+        print(f"final {row['stage']}: {sweep.spec['metric']} = {mean:.3f} +- {std:.3f} at seeds {row['seeds']}")
     print(f"results: {os.path.join(sweep.output, 'results.md')}")
     return result
 
