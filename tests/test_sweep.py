@@ -162,7 +162,10 @@ def test_bad_sweep_file_names_the_problem(tmp_path):
 
 
 def test_final_seeds_train_each_stage_best_again_and_report_mean_and_spread(tmp_path):
-    (tmp_path / "sweep.yaml").write_text(SWEEP_YAML + "seeds: [7]\nfinal_seeds: [1, 2]\n")
+    text = SWEEP_YAML.replace("grid: {SOLVER.BASE_LR: [0.01, 0.02]}\n  - name: kd-tau",
+                              "grid: {SOLVER.BASE_LR: [0.01, 0.02]}\n    final: false\n  - name: kd-tau")
+    assert "final: false" in text
+    (tmp_path / "sweep.yaml").write_text(text + "seeds: [7]\nfinal_seeds: [1, 2]\n")
     sweep = _load()
     calls = []
 
@@ -182,10 +185,9 @@ def test_final_seeds_train_each_stage_best_again_and_report_mean_and_spread(tmp_
     tuning = [c for c in calls if c[1]["SEED"] == 7]
     final = [c for c in calls if c[1]["SEED"] != 7]
     assert len(tuning) == 6
-    # Each stage's best (student lr 0.02; kd-lr lr 0.02 at the default tau; kd-tau lr 0.02, tau 4) at seeds 1, 2.
+    # Each stage's best (student lr 0.02; kd-tau lr 0.02, tau 4) at seeds 1, 2; kd-lr says final: false.
     assert [(c[0], c[1]["SOLVER.BASE_LR"], c[1].get("DISTILL.PIXEL_KD.TAU"), c[1]["SEED"]) for c in final] == [
         ("student.yaml", 0.02, None, 1), ("student.yaml", 0.02, None, 2),
-        ("kd.yaml", 0.02, None, 1), ("kd.yaml", 0.02, None, 2),
         ("kd.yaml", 0.02, 4.0, 1), ("kd.yaml", 0.02, 4.0, 2)]
     # A final run lives beside its setting's tuning run: same folder, another seed.
     tuned = {c[2] for c in tuning}
@@ -194,7 +196,7 @@ def test_final_seeds_train_each_stage_best_again_and_report_mean_and_spread(tmp_
     assert kd_tau["values"] == [pytest.approx(50 + 2 + 5 + 4 + 1), pytest.approx(50 + 2 + 5 + 4 + 2)]
     with open(out / "final.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6 and {r["seed"] for r in rows} == {"1", "2"}
+    assert len(rows) == 4 and {r["seed"] for r in rows} == {"1", "2"}
     md = (out / "results.md").read_text()
     assert "## Each stage's best setting at seeds 1, 2" in md
     assert "| kd-tau | kd | DISTILL.PIXEL_KD.TAU=4.0, SOLVER.BASE_LR=0.02 | 62.50 +- 0.71 | 62.00 | 63.00 |" in md

@@ -31,6 +31,7 @@ Sweep file (YAML)::
     overrides: [SOLVER.MAX_ITER, 100]   # KEY VALUE ... for every trial
     seeds: [7]                          # SEED of each run of a trial; the metric is their mean
     final_seeds: [1, 2, 3]              # optional: each stage's best setting trained again at these seeds
+                                        # (a stage with `final: false` is left out)
     compare: [student, kd]              # best of the stages of each config, side by side
     stages:
       - name: student-lr-wd
@@ -120,7 +121,7 @@ def load_sweep(path):
     names = set()
     for i, stage in enumerate(spec.get("stages") or []):
         label = f"{where}: stage {i} ({stage.get('name', '?')})"
-        unknown = set(stage) - {"name", "config", "grid", "sampler", "n_trials", "space", "inherit", "fixed"}
+        unknown = set(stage) - {"name", "config", "grid", "sampler", "n_trials", "space", "inherit", "fixed", "final"}
         if unknown:
             raise SweepError(f"{label}: unknown keys {sorted(unknown)}")
         if not stage.get("name") or "/" in stage["name"] or stage["name"] in names:
@@ -131,6 +132,7 @@ def load_sweep(path):
         stage.setdefault("sampler", "grid")
         stage.setdefault("inherit", [])
         stage.setdefault("fixed", {})
+        stage.setdefault("final", True)
         for other in stage["inherit"]:
             if other not in names - {stage["name"]}:
                 raise SweepError(f"{label}: inherits {other!r}, which is not an earlier stage")
@@ -331,7 +333,7 @@ class Sweep:
         """Each stage's best setting at every final seed; one row per stage. With ``train`` False only the
         stages whose final runs have all finished are reported, and nothing is trained."""
         rows = []
-        for stage in self.spec["stages"]:
+        for stage in (s for s in self.spec["stages"] if s["final"]):
             params = self.best_params(stage["name"])
             folder = self.trial_folder(stage["config"], params)
             if not train and not all(os.path.isfile(os.path.join(folder, f"seed{seed}", "final_metrics.json"))
