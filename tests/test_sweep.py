@@ -206,3 +206,26 @@ def test_final_seeds_train_each_stage_best_again_and_report_mean_and_spread(tmp_
     sweep.main(args + ["--report-only"])
     assert calls == []  # the report reads the finished final runs, trains nothing
     assert "| kd-tau | kd | DISTILL.PIXEL_KD.TAU=4.0, SOLVER.BASE_LR=0.02 | 62.50 +- 0.71 |" in (out / "results.md").read_text()
+
+
+def test_a_grid_extended_after_a_run_trains_only_the_new_points(tmp_path):
+    (tmp_path / "sweep.yaml").write_text(SWEEP_YAML)
+    sweep = _load()
+    calls = []
+
+    def fake(config, overrides, output_dir, num_gpus=1):
+        calls.append(dict(zip(overrides[::2], overrides[1::2])))
+        return {"sem_seg": {"mIoU": _fake_metric(config, overrides)}}
+
+    sweep.run_trial = fake
+    args = ["--config-file", str(tmp_path / "sweep.yaml"), "--output", str(tmp_path / "out")]
+    sweep.main(args)
+    assert len(calls) == 6
+    calls.clear()
+    # A new learning rate in the student's grid: Optuna would refuse to suggest from a changed choice list.
+    (tmp_path / "sweep.yaml").write_text(SWEEP_YAML.replace("[0.01, 0.02]}\n  - name: kd-lr",
+                                                            "[0.01, 0.02, 0.04]}\n  - name: kd-lr"))
+    result = sweep.main(args)
+    assert calls == [{"SOLVER.MAX_ITER": 5, "SOLVER.BASE_LR": 0.04}]
+    assert result["best"]["student"]["params"] == {"SOLVER.BASE_LR": 0.04}
+    assert result["best"]["student"]["metric"] == pytest.approx(55.0)

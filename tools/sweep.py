@@ -229,6 +229,11 @@ def fail_stale_trials(study):
         optuna.storages.fail_stale_trials(study)  # does nothing unless the storage has heartbeats
 
 
+def _trial_params(trial):
+    """A trial's own parameters: suggested (TPE) or the grid point it was enqueued with."""
+    return trial.user_attrs.get("params") or trial.params
+
+
 def _suggest(trial, name, spec):
     if isinstance(spec, list):
         return trial.suggest_categorical(name, spec)
@@ -277,7 +282,7 @@ class Sweep:
             raise SweepError(f"stage {stage_name!r} has no finished trial to take the best parameters from")
         sign = 1 if self.spec["direction"] == "maximize" else -1
         best = max(done, key=lambda t: sign * t.value)
-        return dict(best.user_attrs.get("fixed", {}), **best.params)
+        return dict(best.user_attrs.get("fixed", {}), **_trial_params(best))
 
     def fixed_params(self, stage):
         fixed = {}
@@ -292,7 +297,13 @@ class Sweep:
 
         def objective(trial):
             trial.set_user_attr("owner", f"{HOST}:{os.getpid()}")
-            params = {name: _suggest(trial, name, spec) for name, spec in space.items()}
+            if stage["sampler"] == "grid":
+                # The enqueued point, not suggest_categorical: Optuna fixes a categorical's choices for the
+                # whole study, so a grid extended later (a new learning rate) could not be suggested from.
+                params = json.loads(trial.user_attrs["key"])
+                trial.set_user_attr("params", params)
+            else:
+                params = {name: _suggest(trial, name, spec) for name, spec in space.items()}
             trial.set_user_attr("key", param_key(params))
             trial.set_user_attr("fixed", fixed)
             everything = dict(fixed, **params)
@@ -399,7 +410,7 @@ class Sweep:
                     "stage": stage["name"],
                     "config": stage["config"],
                     "trial": t.number,
-                    "params": dict(t.user_attrs.get("fixed", {}), **t.params),
+                    "params": dict(t.user_attrs.get("fixed", {}), **_trial_params(t)),
                     "metric": t.value,
                     "values": t.user_attrs.get("values", [t.value]),
                     "output_dir": t.user_attrs.get("output_dir", ""),
