@@ -107,19 +107,26 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tmp_path):
     assert calls == []  # everything finished: a rerun trains nothing
 
 
-def test_failed_trial_is_recorded_not_retried_unless_asked(tmp_path):
-    (tmp_path / "sweep.yaml").write_text(SWEEP_YAML)
+def _recording_sweep(tmp_path, text, fails=lambda config, overrides: False):
+    """The sweep module with a fake trainer that records each trial's overrides (as a dict) and fails where
+    ``fails`` says; and the command-line arguments of a sweep file holding ``text``."""
+    (tmp_path / "sweep.yaml").write_text(text)
     sweep = _load()
     calls = []
 
     def fake(config, overrides, output_dir, num_gpus=1):
-        calls.append(overrides)
-        if config == "student.yaml" and "0.02" in [str(x) for x in overrides]:
+        calls.append(dict(zip(overrides[::2], overrides[1::2])))
+        if fails(config, overrides):
             raise sweep.TrialFailed("boom")
         return {"sem_seg": {"mIoU": _fake_metric(config, overrides)}}
 
     sweep.run_trial = fake
-    args = ["--config-file", str(tmp_path / "sweep.yaml"), "--output", str(tmp_path / "out")]
+    return sweep, calls, ["--config-file", str(tmp_path / "sweep.yaml"), "--output", str(tmp_path / "out")]
+
+
+def test_failed_trial_is_recorded_not_retried_unless_asked(tmp_path):
+    sweep, calls, args = _recording_sweep(
+        tmp_path, SWEEP_YAML, fails=lambda config, overrides: config == "student.yaml" and 0.02 in overrides)
     sweep.main(args)
     assert len(calls) == 6
     calls.clear()
@@ -209,16 +216,7 @@ def test_final_seeds_train_each_stage_best_again_and_report_mean_and_spread(tmp_
 
 
 def test_a_grid_extended_after_a_run_trains_only_the_new_points(tmp_path):
-    (tmp_path / "sweep.yaml").write_text(SWEEP_YAML)
-    sweep = _load()
-    calls = []
-
-    def fake(config, overrides, output_dir, num_gpus=1):
-        calls.append(dict(zip(overrides[::2], overrides[1::2])))
-        return {"sem_seg": {"mIoU": _fake_metric(config, overrides)}}
-
-    sweep.run_trial = fake
-    args = ["--config-file", str(tmp_path / "sweep.yaml"), "--output", str(tmp_path / "out")]
+    sweep, calls, args = _recording_sweep(tmp_path, SWEEP_YAML)
     sweep.main(args)
     assert len(calls) == 6
     calls.clear()
