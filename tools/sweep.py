@@ -58,6 +58,7 @@ import io
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import warnings
@@ -177,9 +178,7 @@ def _read_metric(metrics, path):
 
 def _mean_std(values):
     """Mean and sample standard deviation (0 for a single value)."""
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, var ** 0.5
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def run_trial(config_file, overrides, output_dir, num_gpus=1):
@@ -330,11 +329,14 @@ class Sweep:
         digest = hashlib.sha1(param_key(params).encode()).hexdigest()[:10]
         return os.path.join(self.output, "trials", config_name, digest)
 
+    def run_folder(self, config_name, params, seed=None):
+        folder = self.trial_folder(config_name, params)
+        return folder if seed is None else os.path.join(folder, f"seed{seed}")
+
     def train(self, config_name, params, seed=None):
         """The metric of one training of ``config_name`` with ``params`` (and SEED ``seed``), in its own
         folder (a finished one is read, not trained again)."""
-        folder = self.trial_folder(config_name, params)
-        out = folder if seed is None else os.path.join(folder, f"seed{seed}")
+        out = self.run_folder(config_name, params, seed)
         overrides = list(self.spec["overrides"]) + [x for kv in params.items() for x in kv]
         overrides += [] if seed is None else ["SEED", seed]
         metrics = run_trial(self.spec["configs"][config_name], overrides, out, self.num_gpus)
@@ -346,17 +348,17 @@ class Sweep:
         rows = []
         for stage in (s for s in self.spec["stages"] if s["final"]):
             params = self.best_params(stage["name"])
-            folder = self.trial_folder(stage["config"], params)
-            if not train and not all(os.path.isfile(os.path.join(folder, f"seed{seed}", "final_metrics.json"))
-                                     for seed in self.spec["final_seeds"]):
+            finals = [os.path.join(self.run_folder(stage["config"], params, seed), "final_metrics.json")
+                      for seed in self.spec["final_seeds"]]
+            if not train and not all(os.path.isfile(f) for f in finals):
                 continue
             values = []
-            for seed in self.spec["final_seeds"]:
+            for seed, final in zip(self.spec["final_seeds"], finals):
                 if train:
                     self.log(f"[final {stage['name']}] {params} seed {seed}")
                     values.append(self.train(stage["config"], params, seed))
                 else:
-                    with open(os.path.join(folder, f"seed{seed}", "final_metrics.json")) as f:
+                    with open(final) as f:
                         values.append(_read_metric(json.load(f), self.spec["metric"]))
             rows.append({"stage": stage["name"], "config": stage["config"], "params": params,
                          "seeds": list(self.spec["final_seeds"]), "values": values})
