@@ -28,6 +28,7 @@ from selftrain_d2.modeling.meta_arch import (
     panoptic_inference,
     semantic_inference,
 )
+from selftrain_d2.modeling.meta_arch.postprocess import instances_from_pairs
 from selftrain_d2.modeling.transformer_decoder import TRANSFORMER_DECODER_REGISTRY
 from selftrain_d2.solver import build_optimizer
 
@@ -163,6 +164,29 @@ def test_instance_inference_topk_is_capped_and_classes_can_be_filtered():
     assert (no_boxes.pred_boxes.tensor == 0).all()
     with pytest.raises(ValueError, match="num_classes"):
         instance_inference(mask_cls, mask_pred, 5, topk=2)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_instances_from_pairs_in_chunks_equals_the_reference_formula(chunk):
+    # Pairs sharing a mask, an empty mask, and a chunk size that does not divide the pairs.
+    g = torch.Generator().manual_seed(0)
+    masks = torch.randn(4, 6, 7, generator=g) * 3
+    masks[2] = -1.0
+    rows = torch.tensor([1, 0, 1, 2, 3, 1, 0])
+    scores, labels = torch.rand(7, generator=g), torch.arange(7)
+    original = masks.clone()
+    out = instances_from_pairs(masks, scores, labels, boxes_from_masks=True, rows=rows, chunk=chunk)
+    per_pair = masks[rows]
+    binary = (per_pair > 0).float()
+    mask_scores = (per_pair.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+    assert torch.equal(out.pred_masks, binary)
+    torch.testing.assert_close(out.scores, scores * mask_scores, rtol=1e-6, atol=1e-7)
+    assert out.scores[3] == 0
+    assert torch.equal(out.pred_boxes.tensor, BitMasks(binary > 0).get_bounding_boxes().tensor)
+    assert torch.equal(masks, original)  # the logits are not overwritten
+    resized = instances_from_pairs(masks, scores, labels, rows=rows, chunk=chunk, size=(12, 14),
+                                   resize=lambda m: F.interpolate(m[None], size=(12, 14), mode="bilinear")[0])
+    assert resized.image_size == (12, 14) and resized.pred_masks.shape == (7, 12, 14)
 
 
 def test_masks_to_boxes_matches_bitmasks():

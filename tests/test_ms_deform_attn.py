@@ -144,3 +144,24 @@ def test_msdeformattn_initial_offsets_and_uniform_attention():
     ref = torch.rand(2, 20, 2, 2)
     out = attn(src, ref, src, shapes, starts)
     assert out.shape == (2, 20, 16) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_msdeformattn_without_gradients_equals_the_gradient_path(ref_dim):
+    # Without gradients the module computes pixel coordinates and the softmax its own way (fewer passes);
+    # the values must be those of the differentiable path.
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3).double()
+    with torch.no_grad():  # offsets that reach outside the maps and uneven attention
+        attn.sampling_offsets.weight.normal_(0, 2.0)
+        attn.attention_weights.weight.normal_(0, 1.0)
+    shapes = torch.tensor([[6, 5], [3, 4]])
+    starts = torch.tensor([0, 30])
+    x = torch.randn(2, 42, 32, dtype=torch.float64)
+    query = torch.randn(2, 7, 32, dtype=torch.float64)
+    ref = torch.rand(2, 7, 2, ref_dim, dtype=torch.float64)
+    with_grad = attn(query, ref, x, shapes, starts)
+    with torch.no_grad():
+        without = attn(query, ref, x, shapes, starts)
+    assert with_grad.requires_grad and not without.requires_grad
+    torch.testing.assert_close(without, with_grad, rtol=1e-10, atol=1e-10)

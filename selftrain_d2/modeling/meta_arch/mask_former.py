@@ -244,20 +244,22 @@ class MaskFormer(nn.Module):
         return results
 
     def instance_only_inference(self, outputs, batched_inputs, images):
-        """Instances only: the same results as :meth:`inference`, but only the masks of queries in the
-        top-k pairs are upsampled (resizing is per mask, so the values are identical)."""
+        """Instances only: the same results as :meth:`inference`, but only the masks of the top-k pairs
+        are upsampled, a few at a time (resizing is per mask, so the values are identical)."""
         results = []
         for mask_cls, mask_pred, x, image_size in zip(
             outputs["pred_logits"], outputs["pred_masks"], batched_inputs, images.image_sizes
         ):
             height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
             scores, labels, query = select_instance_pairs(mask_cls, self.num_classes, self.test_topk_per_image)
-            queries, inverse = torch.unique(query, return_inverse=True)
-            masks = F.interpolate(
-                mask_pred[queries][None], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
-            )[0]
-            masks = retry_if_cuda_oom(crop_and_resize)(masks, image_size, height, width)
-            instances = instances_from_pairs(masks, scores, labels, self.boxes_from_masks, rows=inverse)
+
+            def resize(masks, image_size=image_size, height=height, width=width):
+                padded = F.interpolate(masks[None], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
+                return crop_and_resize(padded[0], image_size, height, width)
+
+            instances = retry_if_cuda_oom(instances_from_pairs)(
+                mask_pred, scores, labels, self.boxes_from_masks, rows=query, resize=resize, size=(height, width)
+            )
             results.append({"instances": instances})
         return results
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
 __all__ = [
-    "semantic_inference", "instance_inference", "select_instance_pairs", "instances_from_pairs", "crop_and_resize",
+    "semantic_inference", "instance_inference", "select_instance_pairs", "instances_from_pairs", "binarize_and_score_",
+    "crop_and_resize",
     "panoptic_inference", "masks_to_boxes",
 ]
 
@@ -62,29 +63,53 @@ def select_instance_pairs(mask_cls, num_classes, topk, keep_classes=None):
     return scores, labels, query
 
 
-def instances_from_pairs(masks, scores, labels, boxes_from_masks=False, rows=None):
-    """:class:`Instances` from mask logits ``[M, H, W]`` and the class scores / labels of N pairs.
+def binarize_and_score_(logits, out):
+    """Mask logits ``[C, H, W]`` -> ``out`` (same shape) holds ``logits > 0`` as 0/1 floats; returns the
+    ``[C]`` mask scores, the mean sigmoid probability inside each mask (0 for an empty one).
+    ``logits`` is overwritten (its sigmoid, in place), so pass a temporary."""
+    # sign then clamp writes the 0/1 floats straight into ``out``: about 4x faster on the CPU than a
+    # comparison (a bool tensor) followed by a conversion.
+    torch.sign(logits, out=out).clamp_(min=0)
+    area = out.sum((1, 2))
+    return logits.sigmoid_().mul_(out).sum((1, 2)) / (area + 1e-6)
 
-    ``rows`` [N] says which mask each pair uses (several pairs may share a query's mask, which is
-    then scored once); without it, pair i uses mask i. A pair's score is its class probability
-    times the mask score: the mean sigmoid probability inside the predicted mask (logit > 0).
-    Boxes enclose the masks when ``boxes_from_masks``, else are zeros, as the reference returns.
+
+def instances_from_pairs(masks, scores, labels, boxes_from_masks=False, rows=None, resize=None, size=None,
+                         chunk=8):
+    """:class:`Instances` from mask logits ``[M, h, w]`` and the class scores / labels of N pairs.
+
+    ``rows`` [N] says which mask each pair uses (several pairs may share a query's mask); without it,
+    pair i uses mask i. ``resize``, when given, maps a ``[C, h, w]`` chunk of masks to the result's
+    resolution ``size`` (H, W), one mask at a time; without it the masks are already at that size.
+    A pair's score is its class probability times the mask score: the mean sigmoid probability inside
+    the predicted mask (logit > 0). Boxes enclose the masks when ``boxes_from_masks``, else are zeros,
+    as the reference returns.
+
+    Pairs are done ``chunk`` at a time, so the full-size temporaries stay small enough for the cache
+    and only the result (``pred_masks``, N x H x W floats) is allocated at full size.
     """
-    binary = masks > 0
-    inside = binary.flatten(1)
-    # Logits outside the mask become -inf, whose sigmoid is exactly 0: the sums of sigmoid x mask, in
-    # one new full-size tensor instead of three.
-    outside_zero = torch.where(inside, masks.flatten(1), float("-inf")).sigmoid_()
-    mask_scores = outside_zero.sum(1) / (inside.sum(1).float() + 1e-6)
-    if boxes_from_masks:
-        boxes = masks_to_boxes(binary)
-    else:
-        boxes = torch.zeros(len(masks), 4, device=masks.device)
-    if rows is not None:
-        binary, mask_scores, boxes = binary[rows], mask_scores[rows], boxes[rows]
+    if rows is None:
+        rows = torch.arange(len(masks), device=masks.device)
+    if resize is None:
+        size = tuple(masks.shape[-2:])
+    elif size is None:
+        raise ValueError("instances_from_pairs: `size` (H, W) is required with `resize`")
+    n = len(rows)
+    pred_masks = masks.new_empty((n, *size))
+    mask_scores = masks.new_empty((n,))
+    boxes = masks.new_zeros((n, 4))
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        logits = masks[rows[start:end]]  # a copy: binarize_and_score_ may overwrite it
+        if resize is not None:
+            # contiguous: a cropped view would be summed in another order, changing the scores' last bits
+            logits = resize(logits).contiguous()
+        mask_scores[start:end] = binarize_and_score_(logits, pred_masks[start:end])
+        if boxes_from_masks:
+            boxes[start:end] = masks_to_boxes(pred_masks[start:end] > 0)
 
-    result = Instances(tuple(masks.shape[-2:]))
-    result.pred_masks = binary.float()
+    result = Instances(size)
+    result.pred_masks = pred_masks
     result.pred_boxes = Boxes(boxes)
     result.scores = scores * mask_scores
     result.pred_classes = labels
@@ -95,7 +120,7 @@ def instance_inference(mask_cls, mask_pred, num_classes, topk, keep_classes=None
     """The ``topk`` best (query, class) pairs as :class:`Instances` of size ``mask_pred.shape[-2:]``
     (see :func:`select_instance_pairs` and :func:`instances_from_pairs`)."""
     scores, labels, query = select_instance_pairs(mask_cls, num_classes, topk, keep_classes)
-    return instances_from_pairs(mask_pred[query], scores, labels, boxes_from_masks)
+    return instances_from_pairs(mask_pred, scores, labels, boxes_from_masks, rows=query)
 
 
 def panoptic_inference(mask_cls, mask_pred, num_classes, object_mask_threshold, overlap_threshold, thing_classes):

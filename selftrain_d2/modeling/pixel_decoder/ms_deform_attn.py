@@ -89,31 +89,45 @@ def ms_deform_attn_gather(value, spatial_shapes, level_start_index, sampling_loc
     """:func:`ms_deform_attn` as a single ``embedding_bag``: every output row is the sum of its 4 * L * P
     corner rows times (attention weight x bilinear weight). On the CPU about 3x faster forward than the
     grid_sample version, but its backward is slower, so :func:`ms_deform_attn` uses it without gradients."""
+    shapes = _int_pairs(spatial_shapes)
+    size_xy = sampling_locations.new_tensor([[w, h] for h, w in shapes])[:, None, :]  # [L, 1, 2]
+    pixels = sampling_locations * size_xy - 0.5
+    return _gather_at_pixels(value, shapes, _ints(level_start_index), pixels, attention_weights)
+
+
+def _gather_at_pixels(value, shapes, starts, pixels, attention_weights):
+    """:func:`ms_deform_attn_gather` with the locations as pixel coordinates [N, Lq, M, L, P, 2] of each
+    level (pixel centres at integers: location * size - 0.5)."""
     n, _, m, d = value.shape
-    _, lq, _, num_levels, p, _ = sampling_locations.shape
-    shapes, starts = _int_pairs(spatial_shapes), _ints(level_start_index)
-    device, dtype = value.device, sampling_locations.dtype
+    _, lq, _, num_levels, p, _ = pixels.shape
+    device = value.device
     table = _zero_bordered_rows(value, shapes, starts)
     padded = [(h + 3) * (w + 3) for h, w in shapes]
     padded_starts = [sum(padded[:i]) for i in range(num_levels)]
 
-    # Pixel coordinates clamped to [-1, size]: beyond, all four corners lie in the zero border either
-    # way, and the clamp also zeroes the location gradient there, as grid_sample's zero padding does.
-    size_xy = torch.tensor([[w, h] for h, w in shapes], dtype=dtype, device=device)[:, None, :]  # [L, 1, 2]
-    pix = torch.minimum(torch.clamp(sampling_locations * size_xy - 0.5, min=-1.0), size_xy)
-    low = pix.floor()
-    fx, fy = (pix - low).unbind(-1)
-    x0, y0 = low.long().unbind(-1)
-    # Row of the top-left corner: ((b * S' + start'_l + (y0 + 1) * (W_l + 3) + x0 + 1) * M + head.
-    row_step = torch.tensor([(w + 3) * m for _, w in shapes], device=device)[:, None]  # [L, 1]
-    level_offset = torch.tensor([(s + w + 4) * m for s, (_, w) in zip(padded_starts, shapes)], device=device)[:, None]
-    image_head = (torch.arange(n, device=device)[:, None] * (sum(padded) * m) + torch.arange(m, device=device))
-    top_left = x0 * m + y0 * row_step + level_offset + image_head[:, None, :, None, None]
-    corner_step = torch.tensor([[0, m, (w + 3) * m, (w + 4) * m] for _, w in shapes], device=device)[:, None, :]
+    # The per-level constants below are expanded to [L, P, 2] so that broadcasting happens over the
+    # leading dimensions only (an innermost broadcast dimension of 2 is several times slower).
+    # Clamped to [-1, size]: beyond, all four corners lie in the zero border either way.
+    size_xy = pixels.new_tensor([[w, h] for h, w in shapes])[:, None, :].expand(num_levels, p, 2).contiguous()
+    pixels = torch.minimum(pixels.clamp(min=-1.0), size_xy)
+    low = pixels.floor()
+    frac = pixels - low
+    # Table row of the top-left corner, ((b * S' + start'_l + (y0 + 1) * (W_l + 3) + x0 + 1) * M + head,
+    # summed in floats (exact: far fewer than 2**24 rows), then int32 indices for half the memory traffic.
+    step_xy = pixels.new_tensor([[m, (w + 3) * m] for _, w in shapes])[:, None, :].expand(num_levels, p, 2).contiguous()
+    base = (torch.arange(n, device=device)[:, None, None] * (sum(padded) * m)
+            + torch.arange(m, device=device)[:, None]
+            + torch.tensor([(s + w + 4) * m for s, (_, w) in zip(padded_starts, shapes)], device=device))
+    top_left = torch.add((low * step_xy).sum(-1), base[:, None, :, :, None].to(pixels.dtype)).int()  # [N, Lq, M, L, P]
+    corner_step = torch.tensor([[0, m, (w + 3) * m, (w + 4) * m] for _, w in shapes], dtype=torch.int32,
+                               device=device)[:, None, :]
     rows = top_left[..., None] + corner_step  # [N, Lq, M, L, P, 4]
+    # Corner weights (y0 x0, y0 x1, y1 x0, y1 x1) times the attention weight.
+    fx, fy = frac.unbind(-1)
     wy1 = fy * attention_weights
-    wy0 = attention_weights - wy1
-    weights = torch.stack((wy0 * (1 - fx), wy0 * fx, wy1 * (1 - fx), wy1 * fx), -1)
+    wy = torch.stack((attention_weights - wy1, wy1), -1)
+    wx = torch.stack((1 - fx, fx), -1)
+    weights = wy[..., :, None] * wx[..., None, :]  # [N, Lq, M, L, P, 2, 2]
     k = num_levels * p * 4
     out = F.embedding_bag(rows.view(-1, k), table, per_sample_weights=weights.view(-1, k), mode="sum")
     return out.view(n, lq, m * d)
@@ -187,8 +201,31 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(n, s, self.n_heads, self.d_model // self.n_heads)
         offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
-        weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
-        weights = weights.softmax(-1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
-        locations = deform_sampling_locations(reference_points, offsets, input_spatial_shapes, self.n_points)
-        out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
+        logits = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
+        needs_grad = torch.is_grad_enabled() and (
+            any(t.requires_grad for t in (query, input_flatten, reference_points))
+            or any(p.requires_grad for p in self.parameters())
+        )
+        if needs_grad:
+            weights = logits.softmax(-1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
+            locations = deform_sampling_locations(reference_points, offsets, input_spatial_shapes, self.n_points)
+            out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
+        else:
+            out = self._sample_without_grad(value, offsets, logits, reference_points, input_spatial_shapes,
+                                            input_level_start_index)
         return self.output_proj(out)
+
+    def _sample_without_grad(self, value, offsets, logits, reference_points, spatial_shapes, level_start_index):
+        """The gather path with fewer passes over the [N, Lq, M, L, P] tensors: a softmax written out (torch's
+        is several times slower over a last dimension this short) and, for point references, the pixel
+        coordinates as reference x size + offset - 0.5 instead of going through map-relative locations."""
+        n, lq, m = logits.shape[:3]
+        weights = (logits - logits.amax(-1, keepdim=True)).exp_()
+        weights = weights.div_(weights.sum(-1, keepdim=True)).view(n, lq, m, self.n_levels, self.n_points)
+        shapes = _int_pairs(spatial_shapes)
+        if reference_points.shape[-1] != 2:
+            locations = deform_sampling_locations(reference_points, offsets, spatial_shapes, self.n_points)
+            return ms_deform_attn(value, shapes, level_start_index, locations, weights)
+        size_xy = reference_points.new_tensor([[w, h] for h, w in shapes])  # [L, 2]
+        pixels = offsets + (reference_points * size_xy - 0.5)[:, :, None, :, None, :]
+        return _gather_at_pixels(value, shapes, _ints(level_start_index), pixels, weights)
