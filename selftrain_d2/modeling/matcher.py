@@ -99,13 +99,14 @@ class HungarianMatcher(nn.Module):
                 continue
             # Costs in float32 whatever precision the model ran in.
             probs = pred_logits[b].float().softmax(-1)
-            out_mask = pred_masks[b].float()[:, None]
-            tgt_mask = target["masks"].to(out_mask)[:, None]
+            out_mask = pred_masks[b].float()
+            tgt_mask = target["masks"].to(out_mask)
+            # All masks of the image as the channels of one map, sampled at the same points.
             coords = self.sample_points(out_mask.device)[None]
-            point_logits = point_sample(out_mask, coords.expand(out_mask.shape[0], -1, -1), align_corners=False)
-            point_targets = point_sample(tgt_mask, coords.expand(tgt_mask.shape[0], -1, -1), align_corners=False)
+            point_logits = point_sample(out_mask[None], coords, align_corners=False)[0]
+            point_targets = point_sample(tgt_mask[None], coords, align_corners=False)[0]
             try:
-                cost = match_cost(probs, labels, point_logits[:, 0], point_targets[:, 0], weights)
+                cost = match_cost(probs, labels, point_logits, point_targets, weights)
             except ValueError as e:
                 raise ValueError(f"{e} (image {b} of the batch)") from None
             indices.append(solve_assignment(cost))

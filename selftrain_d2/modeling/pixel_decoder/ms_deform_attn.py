@@ -62,16 +62,17 @@ def ms_deform_attn_grid_sample(value, spatial_shapes, level_start_index, samplin
     n, _, m, d = value.shape
     _, lq, _, num_levels, p, _ = sampling_locations.shape
     shapes, starts = _int_pairs(spatial_shapes), _ints(level_start_index)
-    # Heads go into the batch dimension: [N * M, Lq, L, P, 2] grids in grid_sample's [-1, 1].
-    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)
-    weights = attention_weights.transpose(1, 2).flatten(0, 1).unsqueeze(1)  # [N * M, 1, Lq, L, P]
+    # Heads go into the batch dimension and the queries last: grids [N * M, L, P, Lq, 2] in grid_sample's
+    # [-1, 1], so each level samples [N * M, D, P, Lq]. With the queries (thousands) innermost, the
+    # weighting below is a vectorised multiply and a sum over rows; with the points (4) innermost, as
+    # the locations come, a model-sized layer's forward + backward took 0.77 s instead of 0.58 (1 thread).
+    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).flatten(0, 1).contiguous()
+    weights = attention_weights.permute(0, 2, 3, 4, 1).flatten(0, 1).unsqueeze(1).contiguous()  # [N * M, 1, L, P, Lq]
     out = None
     for lvl, ((h, w), start) in enumerate(zip(shapes, starts)):
         v = value[:, start:start + h * w].permute(0, 2, 3, 1).reshape(n * m, d, h, w)
-        sampled = F.grid_sample(v, grids[:, :, lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
-        # A multiply and a sum over the contiguous point axis: an einsum here becomes a permute copy
-        # plus tiny batched matmuls (measured 13% slower forward, 22% slower forward + backward).
-        term = (sampled * weights[:, :, :, lvl]).sum(-1)  # [N * M, D, Lq]
+        sampled = F.grid_sample(v, grids[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
+        term = (sampled * weights[:, :, lvl]).sum(2)  # [N * M, D, Lq]
         out = term if out is None else out + term
     return out.view(n, m * d, lq).transpose(1, 2)
 
