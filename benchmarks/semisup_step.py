@@ -10,7 +10,9 @@ EMA update of the teacher. The parts are the teacher forward, the student forwar
 (with the pseudo labels of a previous teacher forward), the optimizer step and the EMA update, each timed
 alone on the same fixed batches (data loading is excluded everywhere). Prints one JSON line of medians:
 step_s, parts_s (teacher forward + both forward/backward passes), step_over_parts, the other parts, and
-ema_share_of_step. A teacher checkpoint is not needed: the run starts at the EMA stage. Never asserted by tests.
+ema_share_of_step. The run starts at the EMA stage, with the teacher a copy of the student: give a trained
+model as MODEL.WEIGHTS for realistic pseudo labels (an untrained one gives none, which makes the student's
+unlabeled pass cheaper). Never asserted by tests.
 """
 import argparse
 import itertools
@@ -28,7 +30,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from selftrain_d2.config import load_config  # noqa: E402
 from selftrain_d2.data.datasets import register_from_cfg  # noqa: E402
 from selftrain_d2.engine import SemiSupervisedTrainer  # noqa: E402
-from selftrain_d2.teacher import ema_update_  # noqa: E402
+from selftrain_d2.teacher import copy_weights_, ema_update_  # noqa: E402
 
 
 def _sync(device):
@@ -67,6 +69,7 @@ def main():
     trainer.resume_or_load(resume=False)
     step, teacher = trainer._trainer, trainer.teacher
     model, optimizer, decay = step.model, step.optimizer, cfg.SEMISUP.EMA_DECAY
+    copy_weights_(teacher.model, model)  # what the schedule hook does when the EMA stage starts
     device = next(model.parameters()).device
 
     labeled = next(iter(step.data_loader))
