@@ -27,14 +27,7 @@ __all__ = [
 
 def mask_predictions(mask_embed, mask_features):
     """Per-query mask logits: [B, Q, C] x [B, C, H, W] -> [B, Q, H, W]."""
-    if mask_features.device.type != "cpu":
-        return torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
-    # One torch.mm per image: on the CPU the batched product that einsum becomes (bmm) was 1.5x (batch 1)
-    # to 3x (batch 2) slower for these shapes, in the forward and in both products of the backward.
-    b, _, h, w = mask_features.shape
-    if b == 1:
-        return (mask_embed[0] @ mask_features[0].flatten(1)).view(1, -1, h, w)
-    return torch.stack([e @ f.flatten(1) for e, f in zip(mask_embed, mask_features)]).view(b, -1, h, w)
+    return torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
 
 
 def masked_attention_mask(mask_logits, size, num_heads):
