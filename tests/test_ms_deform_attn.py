@@ -165,3 +165,17 @@ def test_msdeformattn_without_gradients_equals_the_gradient_path(ref_dim):
         without = attn(query, ref, x, shapes, starts)
     assert with_grad.requires_grad and not without.requires_grad
     torch.testing.assert_close(without, with_grad, rtol=1e-10, atol=1e-10)
+
+
+def test_gather_indices_survive_half_precision_locations():
+    # An autocast model gives float16 offsets: the gather's row indices must not be computed in float16
+    # (exact only up to 2048), so a large map still samples the right pixels.
+    torch.manual_seed(0)
+    shapes = [(64, 80)]
+    value = torch.randn(1, 64 * 80, 2, 4)
+    locations = torch.rand(1, 50, 2, 1, 3, 2).half()
+    weights = torch.rand(1, 50, 2, 1, 3).half()
+    expected = ms_deform_attn_gather(value, shapes, [0], locations.float(), weights.float())
+    half = ms_deform_attn_gather(value, shapes, [0], locations, weights)
+    # fp16 coordinates are off by up to ~0.03 px here; a wrong row would be off by a whole value (~1).
+    torch.testing.assert_close(half.float(), expected, rtol=0, atol=0.1)

@@ -114,13 +114,19 @@ def _gather_at_pixels(value, shapes, starts, pixels, attention_weights):
     low = pixels.floor()
     frac = pixels - low
     # Table row of the top-left corner, ((b * S' + start'_l + (y0 + 1) * (W_l + 3) + x0 + 1) * M + head,
-    # summed in floats (exact: far fewer than 2**24 rows), then int32 indices for half the memory traffic.
-    step_xy = pixels.new_tensor([[m, (w + 3) * m] for _, w in shapes])[:, None, :].expand(num_levels, p, 2).contiguous()
+    # summed in floats that hold every row index exactly (float32 below 2**24 rows, else float64, never
+    # the half precision an autocast model may give), then int32 indices for half the memory traffic.
+    num_rows = table.shape[0]
+    index_float = torch.float32 if num_rows < 2 ** 24 else torch.float64
+    index_int = torch.int32 if num_rows < 2 ** 31 else torch.int64
+    step_xy = torch.tensor([[m, (w + 3) * m] for _, w in shapes], dtype=index_float, device=device)
+    step_xy = step_xy[:, None, :].expand(num_levels, p, 2).contiguous()
     base = (torch.arange(n, device=device)[:, None, None] * (sum(padded) * m)
             + torch.arange(m, device=device)[:, None]
             + torch.tensor([(s + w + 4) * m for s, (_, w) in zip(padded_starts, shapes)], device=device))
-    top_left = torch.add((low * step_xy).sum(-1), base[:, None, :, :, None].to(pixels.dtype)).int()  # [N, Lq, M, L, P]
-    corner_step = torch.tensor([[0, m, (w + 3) * m, (w + 4) * m] for _, w in shapes], dtype=torch.int32,
+    top_left = torch.add((low.to(index_float) * step_xy).sum(-1), base[:, None, :, :, None].to(index_float))
+    top_left = top_left.to(index_int)  # [N, Lq, M, L, P]
+    corner_step = torch.tensor([[0, m, (w + 3) * m, (w + 4) * m] for _, w in shapes], dtype=index_int,
                                device=device)[:, None, :]
     rows = top_left[..., None] + corner_step  # [N, Lq, M, L, P, 4]
     # Corner weights (y0 x0, y0 x1, y1 x0, y1 x1) times the attention weight.
@@ -130,7 +136,7 @@ def _gather_at_pixels(value, shapes, starts, pixels, attention_weights):
     wx = torch.stack((1 - fx, fx), -1)
     weights = wy[..., :, None] * wx[..., None, :]  # [N, Lq, M, L, P, 2, 2]
     k = num_levels * p * 4
-    out = F.embedding_bag(rows.view(-1, k), table, per_sample_weights=weights.view(-1, k), mode="sum")
+    out = F.embedding_bag(rows.view(-1, k), table, per_sample_weights=weights.view(-1, k).to(table.dtype), mode="sum")
     return out.view(n, lq, m * d)
 
 
