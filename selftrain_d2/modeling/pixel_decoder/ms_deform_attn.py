@@ -20,6 +20,11 @@ __all__ = [
 ]
 
 
+def _coordinates(t):
+    """``t`` in at least float32: pixel coordinates in float16 are off by up to 1/32 px at 64 px."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _int_pairs(spatial_shapes):
     if torch.is_tensor(spatial_shapes):
         spatial_shapes = spatial_shapes.tolist()
@@ -91,8 +96,9 @@ def ms_deform_attn_gather(value, spatial_shapes, level_start_index, sampling_loc
     corner rows times (attention weight x bilinear weight). On the CPU about 3x faster forward than the
     grid_sample version, but its backward is slower, so :func:`ms_deform_attn` uses it without gradients."""
     shapes = _int_pairs(spatial_shapes)
-    size_xy = sampling_locations.new_tensor([[w, h] for h, w in shapes])[:, None, :]  # [L, 1, 2]
-    pixels = sampling_locations * size_xy - 0.5
+    locations = _coordinates(sampling_locations)
+    size_xy = locations.new_tensor([[w, h] for h, w in shapes])[:, None, :]  # [L, 1, 2]
+    pixels = locations * size_xy - 0.5
     return _gather_at_pixels(value, shapes, _ints(level_start_index), pixels, attention_weights)
 
 
@@ -233,6 +239,7 @@ class MSDeformAttn(nn.Module):
         if reference_points.shape[-1] != 2:
             locations = deform_sampling_locations(reference_points, offsets, spatial_shapes, self.n_points)
             return ms_deform_attn(value, shapes, level_start_index, locations, weights)
+        reference_points, offsets = _coordinates(reference_points), _coordinates(offsets)
         size_xy = reference_points.new_tensor([[w, h] for h, w in shapes])  # [L, 2]
         pixels = offsets + (reference_points * size_xy - 0.5)[:, :, None, :, None, :]
         return _gather_at_pixels(value, shapes, _ints(level_start_index), pixels, weights)
