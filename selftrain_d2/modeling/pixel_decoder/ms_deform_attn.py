@@ -215,11 +215,8 @@ class MSDeformAttn(nn.Module):
         value = value.view(n, s, self.n_heads, self.d_model // self.n_heads)
         offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
         logits = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
-        needs_grad = torch.is_grad_enabled() and (
-            any(t.requires_grad for t in (query, input_flatten, reference_points))
-            or any(p.requires_grad for p in self.parameters())
-        )
-        if needs_grad:
+        # requires_grad of the tensors computed above already says whether autograd is on and reaches them.
+        if any(t.requires_grad for t in (value, offsets, logits, reference_points)):
             weights = logits.softmax(-1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
             locations = deform_sampling_locations(reference_points, offsets, input_spatial_shapes, self.n_points)
             out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
