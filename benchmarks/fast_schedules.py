@@ -4,6 +4,7 @@
 
     .venv/bin/python benchmarks/fast_schedules.py --output output/bench/fast_schedules
     .venv/bin/python benchmarks/fast_schedules.py --schedules constant coarse2fine+ --warmup 0 10 --seeds 1 2 3 --json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fast_schedules.py --jobs 2 ...   # two one-thread runs at a time
 
 Each row trains the demo DeepLabV3+ (``--config-file``; its head is switched to the global-pool ASPP so any
 crop works) with INPUT.CROP_SCHEDULE on: the constant schedule and each fast schedule with and without a
@@ -15,10 +16,14 @@ warm-up, training seconds, images/s, speed-up over constant, mIoU mean +- std ov
 JSON list, one object per row with keys schedule, warmup, wall_s, images_per_s, speedup, mIoU (and mIoU_std,
 seeds, iterations).
 
+With --jobs N, N runs go at a time, seed by seed, so that each schedule shares the machine with the
+others alike; give each run 1/N of the cores (OMP_NUM_THREADS).
+
 wall_s is Detectron2's "Total training time" of the run (training only: model building and the final
 evaluation, equal for all schedules, are left out), averaged over seeds. Never asserted by tests.
 """
 import argparse
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -95,25 +100,32 @@ def main():
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--scales", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time (set OMP_NUM_THREADS so that jobs x threads fits the cores)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = parser.parse_args()
     os.makedirs(args.output, exist_ok=True)
 
     schedules = list(dict.fromkeys(["constant"] + args.schedules))
+    variants = [(s, w) for s in schedules for w in ([0] if s == "constant" else args.warmup)]
+    # Seed-major order, so that with --jobs > 1 every schedule runs beside the others, not beside itself.
+    order = [(s, w, seed) for seed in args.seeds for s, w in variants]
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = {key: pool.submit(run_one, args, *key) for key in order}
+        results = {key: f.result() for key, f in futures.items()}
     rows = []
-    for schedule in schedules:
-        for warmup in ([0] if schedule == "constant" else args.warmup):
-            runs = [run_one(args, schedule, warmup, seed) for seed in args.seeds]
-            mious = [r["mIoU"] for r in runs]
-            rows.append({
-                "schedule": schedule, "warmup": warmup, "seeds": args.seeds,
-                "wall_s": statistics.mean(r["wall_s"] for r in runs),
-                "iterations": runs[0]["iterations"],
-                "mIoU": statistics.mean(mious),
-                "mIoU_std": statistics.stdev(mious) if len(mious) > 1 else 0.0,
-                "mIoU_runs": mious,
-            })
+    for schedule, warmup in variants:
+        runs = [results[(schedule, warmup, seed)] for seed in args.seeds]
+        mious = [r["mIoU"] for r in runs]
+        rows.append({
+            "schedule": schedule, "warmup": warmup, "seeds": args.seeds,
+            "wall_s": statistics.mean(r["wall_s"] for r in runs),
+            "iterations": runs[0]["iterations"],
+            "mIoU": statistics.mean(mious),
+            "mIoU_std": statistics.stdev(mious) if len(mious) > 1 else 0.0,
+            "mIoU_runs": mious,
+        })
     from selftrain_d2.config import load_config
 
     cfg = load_config(args.config_file, list(args.opts))

@@ -102,6 +102,10 @@ def add_selftrain_config(cfg):
     # Epochs of training; 0 = the images SOLVER.MAX_ITER x IMS_PER_BATCH make (MAX_ITER is then recomputed).
     cfg.INPUT.CROP_SCHEDULE.EPOCHS = 0
 
+    # Convolution weights (hence activations) in channels-last layout: on the CPU, oneDNN's convolutions
+    # (above all their backward) run about 1.2x faster for the demo DeepLabV3+; results agree to float tolerance.
+    cfg.MODEL.CHANNELS_LAST = False
+
     # EfficientNet-Lite backbone (selftrain_d2.modeling.backbone.efficientnet_lite).
     cfg.MODEL.EFFICIENTNET_LITE = CN()
     # Architecture name understood by the efficientnet-lite-pytorch package.

@@ -59,3 +59,37 @@ def test_resnet_deeplab_is_selectable_by_config():
     with torch.no_grad():
         out = model([{"image": torch.zeros(3, 128, 256, dtype=torch.uint8), "height": 128, "width": 256}])
     assert out[0]["sem_seg"].shape == (19, 128, 256)
+
+
+def test_channels_last_model_gives_the_same_losses_gradients_and_outputs():
+    from selftrain_d2.engine import Trainer
+    from selftrain_d2.modeling import build_model as build_in_layout
+
+    # Dropout masks are drawn in memory order, so they differ between layouts: ASPP dropout off.
+    opts = ["MODEL.SEM_SEG_HEAD.ASPP_DROPOUT", "0.0"]
+    reference = build_model(load_config(DEMO_CONFIG, opts))
+    cfg = load_config(DEMO_CONFIG, opts + ["MODEL.CHANNELS_LAST", "True"])
+    for model in (build_in_layout(cfg), Trainer.build_model(cfg)):
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+        # Only the stem's weight differs from its NCHW layout here (the rest are 1x1 or depthwise), and
+        # that is enough: the layout follows the activations through every later convolution.
+        with torch.no_grad():
+            features = model.backbone(torch.randn(1, 3, 64, 128))
+        assert all(f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous()
+                   for f in features.values())
+    model.load_state_dict(reference.state_dict())
+    g = torch.Generator().manual_seed(0)
+    batch = [{"image": torch.randint(0, 255, (3, 128, 256), generator=g, dtype=torch.uint8),
+              "sem_seg": torch.randint(0, 10, (128, 256), generator=g)} for _ in range(2)]
+    losses = []
+    for m in (reference, model):
+        torch.manual_seed(0)  # the same drop-connect draws (one per image, so the same in both layouts)
+        losses.append(sum(m(batch).values()))
+        losses[-1].backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (reference, model)]
+    assert (grads[1] - grads[0]).norm() < 1e-2 * grads[0].norm()  # train-mode BN chains amplify rounding
+    inputs = [{"image": batch[0]["image"], "height": 128, "width": 256}]
+    with torch.no_grad():
+        expected, got = reference.eval()(inputs)[0]["sem_seg"], model.eval()(inputs)[0]["sem_seg"]
+    assert (got - expected).norm() < 1e-3 * expected.norm()

@@ -26,13 +26,13 @@ import torch.utils.data as torchdata
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import get_detection_dataset_dicts
 from detectron2.engine import HookBase, SimpleTrainer, hooks
-from detectron2.modeling import build_model
 from detectron2.structures import Instances
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from ..data.build import SeededTrainStream, mix_seed
 from ..data.mappers import MAPPER_REGISTRY
+from ..modeling import build_model
 from ..teacher import FrozenTeacher, PseudoLabeler, copy_weights_, ema_update_
 from .ddp import unwrap_ddp
 from .trainer import Trainer

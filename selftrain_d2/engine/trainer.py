@@ -18,6 +18,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..data.build import SeededTrainStream, build_test_loader, build_train_loader
 from ..evaluation import build_evaluator
+from ..modeling import apply_memory_format
 from ..solver import build_lr_scheduler, build_optimizer
 from ..utils.io import atomic_write_json
 from .checkpoint import build_checkpointer
@@ -90,6 +91,11 @@ class Trainer(DefaultTrainer):
         results = getattr(self, "_last_eval_results", None)
         write_results(self.cfg.OUTPUT_DIR, results)
         return results
+
+    @classmethod
+    def build_model(cls, cfg):
+        # DefaultTrainer's (it logs the model), then MODEL.CHANNELS_LAST's layout.
+        return apply_memory_format(super().build_model(cfg), cfg)
 
     @classmethod
     def build_train_loader(cls, cfg, seed=None):

@@ -335,7 +335,7 @@ def _write_semantic(files, probs, settings, ignore_label):
 
 def _build_teacher(cfg):
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
+    from ..modeling import build_model
 
     if not cfg.MODEL.WEIGHTS:
         raise ValueError("MODEL.WEIGHTS is empty: the teacher needs trained weights to make pseudo labels")
