@@ -103,7 +103,8 @@ def add_selftrain_config(cfg):
     cfg.INPUT.CROP_SCHEDULE.EPOCHS = 0
 
     # Convolution weights (hence activations) in channels-last layout: on the CPU, oneDNN's convolutions
-    # (above all their backward) run about 1.2x faster for the demo DeepLabV3+; results agree to float tolerance.
+    # (above all their backward) run about 1.2x faster for the demo DeepLabV3+. Values agree to float
+    # tolerance, but dropout masks are drawn in memory order, so a training run takes other random draws.
     cfg.MODEL.CHANNELS_LAST = False
 
     # EfficientNet-Lite backbone (selftrain_d2.modeling.backbone.efficientnet_lite).
