@@ -101,6 +101,9 @@ def add_selftrain_config(cfg):
     cfg.INPUT.CROP_SCHEDULE.LR_SCALING = "linear"
     # Epochs of training; 0 = the images SOLVER.MAX_ITER x IMS_PER_BATCH make (MAX_ITER is then recomputed).
     cfg.INPUT.CROP_SCHEDULE.EPOCHS = 0
+    # Scaled crop sides are rounded to a multiple of this (the model's padding multiple), so that no compute
+    # goes to padding; 1 = exact scales.
+    cfg.INPUT.CROP_SCHEDULE.SIZE_DIVISIBILITY = 32
 
     # Convolution weights (hence activations) in channels-last layout: on the CPU, oneDNN's convolutions
     # (above all their backward) run about 1.2x faster for the demo DeepLabV3+. Values agree to float

@@ -1,7 +1,7 @@
 """Crop-size schedules: crop, batch, learning-rate factor and iterations per epoch against hand tables."""
 import pytest
 
-from selftrain_d2.data.crop_schedules import CROP_SCHEDULE_REGISTRY, EpochTable, batch_for_crop, lr_factor
+from selftrain_d2.data.crop_schedules import CROP_SCHEDULE_REGISTRY, EpochTable, batch_for_crop, lr_factor, scaled_crop
 
 SCALES = [0.5, 0.75, 1.0]
 FULL = (100, 200)
@@ -63,6 +63,19 @@ def test_ddp_rounds_batch_and_epoch_to_the_process_count():
     assert batch_for_crop((75, 150), FULL, 4, 16, multiple=2) == 6
     table = _table("constant", 0, epoch_size=21, multiple=2)
     assert table.epoch_size == 22
+
+
+def test_scaled_crops_round_to_the_padding_multiple():
+    # 128x256 at 0.5 ... 1.0, sides to the nearest multiple of 32 (77 -> 64, 154 -> 160, 90 -> 96, ...).
+    crops = [scaled_crop((128, 256), s, 32) for s in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+    assert crops == [(64, 128), (64, 160), (96, 192), (96, 192), (128, 224), (128, 256)]
+    assert scaled_crop((128, 256), 0.6) == (77, 154)  # divisibility 1: exact scales
+    assert scaled_crop((100, 200), 0.1, 32) == (32, 32)  # at least one multiple
+    assert scaled_crop((90, 769), 0.95, 32) == (90, 736)  # never above the full crop (85.5 -> 96 -> 90)
+    assert scaled_crop((100, 769), 1.0, 32) == (100, 769)  # the full crop as configured
+    table = _table("coarse2fine+", 0, full_crop=(128, 256), scales=[0.6, 1.0], size_divisibility=32)
+    # 128*256*4 pixels / (64*160) = 12.8 -> batch 12, the learning rate x3.
+    assert [(e.crop, e.batch, e.lr_factor) for e in table.entries[:2]] == [((64, 160), 12, 3.0), ((128, 256), 4, 1.0)]
 
 
 def test_lr_rules():

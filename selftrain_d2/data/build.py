@@ -237,6 +237,7 @@ def build_epoch_table(cfg, epoch_size, world_size=1):
         schedule=cs.NAME, scales=cs.SCALES, full_crop=tuple(cfg.INPUT.CROP.SIZE), full_batch=cfg.SOLVER.IMS_PER_BATCH,
         max_batch=cs.MAX_BATCH, epoch_size=epoch_size, num_epochs=epochs, period=cs.PERIOD,
         warmup_epochs=cs.WARMUP_EPOCHS, lr_rule=cs.LR_SCALING, multiple=world_size,
+        size_divisibility=cs.SIZE_DIVISIBILITY,
     )
     logger.info(f"Crop schedule {cs.NAME} (warm-up {cs.WARMUP_EPOCHS} epochs): {epochs} epochs of "
                 f"{table.epoch_size} samples in {table.max_iter} iterations; crops/batches per epoch: "
