@@ -42,11 +42,11 @@ from collections import Counter
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Instances  # noqa: E402
 
 from selftrain_d2.config import load_config  # noqa: E402
 from selftrain_d2.engine import Trainer  # noqa: E402
+from selftrain_d2.modeling import build_model  # noqa: E402
 
 
 def _sync(device):

@@ -84,9 +84,9 @@ def main():
         args.weights = os.path.join(args.output, "random_teacher.pth")
         if not os.path.isfile(args.weights):
             import torch
-            from detectron2.modeling import build_model
 
             from selftrain_d2.config import load_config
+            from selftrain_d2.modeling import build_model
             from selftrain_d2.utils.io import atomic_write
 
             model = build_model(load_config(args.config_file, ["MODEL.EFFICIENTNET_LITE.PRETRAINED", "False"]))
