@@ -6,7 +6,8 @@ Everything here is a pure function of the epoch; ``EpochTable`` turns a schedule
 share, so a resumed run continues at the same crop, batch and learning rate.
 
 Crops are given as scales of ``INPUT.CROP.SIZE`` (the largest crop), e.g. 0.5 ... 1.0 in steps of 0.1 for
-the paper's 400 ... 800 in steps of 80 at an 800 crop.
+the paper's 400 ... 800 in steps of 80 at an 800 crop; ``scaled_crop`` rounds the sides to the models'
+padding multiple.
 """
 import math
 from dataclasses import dataclass
