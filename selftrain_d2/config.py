@@ -110,6 +110,12 @@ def add_selftrain_config(cfg):
     # tolerance, but dropout masks are drawn in memory order, so a training run takes other random draws.
     cfg.MODEL.CHANNELS_LAST = False
 
+    # Entries in oneDNN's cache of compiled CPU kernels (one per convolution, input shape and pass), set by
+    # tools' setup() before the first convolution (selftrain_d2.utils.onednn). oneDNN's own 1024 thrashes
+    # when a crop schedule trains on several shapes; 0 keeps oneDNN's default, and an
+    # ONEDNN_PRIMITIVE_CACHE_CAPACITY environment variable wins over this.
+    cfg.ONEDNN_PRIMITIVE_CACHE_CAPACITY = 4096
+
     # EfficientNet-Lite backbone (selftrain_d2.modeling.backbone.efficientnet_lite).
     cfg.MODEL.EFFICIENTNET_LITE = CN()
     # Architecture name understood by the efficientnet-lite-pytorch package.

@@ -8,6 +8,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import load_config
 from ..data.datasets import register_from_cfg
+from ..utils.onednn import set_primitive_cache_capacity
 
 __all__ = ["default_argument_parser", "setup", "launch_from_args"]
 
@@ -23,6 +24,7 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"
     register_from_cfg(cfg)
     cfg.freeze()
+    set_primitive_cache_capacity(cfg.ONEDNN_PRIMITIVE_CACHE_CAPACITY)
     default_setup(cfg, args)
     # Detectron2 sets up its own and fvcore's loggers; ours log epoch plans, skipped images, etc.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="selftrain_d2", abbrev_name="st2")
