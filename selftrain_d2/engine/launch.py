@@ -24,10 +24,11 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"
     register_from_cfg(cfg)
     cfg.freeze()
-    set_primitive_cache_capacity(cfg.ONEDNN_PRIMITIVE_CACHE_CAPACITY)
+    capacity = set_primitive_cache_capacity(cfg.ONEDNN_PRIMITIVE_CACHE_CAPACITY)
     default_setup(cfg, args)
     # Detectron2 sets up its own and fvcore's loggers; ours log epoch plans, skipped images, etc.
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="selftrain_d2", abbrev_name="st2")
+    logging.getLogger(__name__).info("oneDNN primitive cache: %s entries", capacity or "default")
     return cfg
 
 
