@@ -4,9 +4,8 @@ oneDNN compiles a kernel ("primitive") per convolution, input shape and pass (fo
 backward-weights) and keeps them in an LRU cache of ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` entries, 1024 by
 default. A crop-size schedule trains on several crop x batch shapes, each with its own set of primitives
 (about 140 for the demo DeepLabV3+: 1090 counted with ONEDNN_VERBOSE=2 over its schedule's 8 crop x batch
-shapes); once they outnumber the cache, LRU order
-evicts every kernel before it is used again and each shape change recompiles the whole network. On the demo
-coarse2fine+ schedule (5 crops, plus each epoch's smaller last batch) that was 26 s of a 233 s run. The
+shapes). Once they outnumber the cache, LRU order evicts every kernel before it is used again and each shape
+change recompiles the whole network; on the demo coarse2fine+ schedule that was 26 s of a 233 s run. The
 capacity is read once, at oneDNN's first primitive, from the environment.
 """
 import logging
