@@ -36,9 +36,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model_speed import build_optimizer, forward_flops, matmul_peak_gflops, training_batch  # noqa: E402
+from model_speed import (  # noqa: E402
+    benchmark_config, build_optimizer, forward_flops, matmul_peak_gflops, training_batch,
+)
 
-from selftrain_d2.config import load_config  # noqa: E402
 from selftrain_d2.modeling import build_model  # noqa: E402
 
 aten = torch.ops.aten
@@ -165,10 +166,7 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args()
 
-    cfg = load_config(args.config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"] + list(args.opts))
-    if cfg.INPUT.CROP.TYPE == "absolute" and "INPUT.CROP.SIZE" not in args.opts[::2]:
-        cfg.INPUT.CROP.SIZE = (args.size, args.size)
-    cfg.freeze()
+    cfg = benchmark_config(args.config_file, args.size, args.opts)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = build_model(cfg)

@@ -146,6 +146,17 @@ def forward_flops(model, inputs):
         return total, dict(Counter(counter.unsupported_ops()).most_common())
 
 
+def benchmark_config(config_file, size, opts):
+    """The frozen config of a speed benchmark: no weights, on the CPU, then the KEY VALUE ``opts``; an
+    absolute INPUT.CROP.SIZE becomes (size, size) unless given."""
+    cfg = load_config(config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"] + list(opts))
+    if cfg.INPUT.CROP.TYPE == "absolute" and "INPUT.CROP.SIZE" not in list(opts)[::2]:
+        # The random images are the training crops: DeepLab's ASPP sizes its image pooling from this.
+        cfg.INPUT.CROP.SIZE = (size, size)
+    cfg.freeze()
+    return cfg
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
@@ -161,11 +172,7 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args()
 
-    cfg = load_config(args.config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"] + list(args.opts))
-    if cfg.INPUT.CROP.TYPE == "absolute" and "INPUT.CROP.SIZE" not in args.opts[::2]:
-        # The random images are the training crops: DeepLab's ASPP sizes its image pooling from this.
-        cfg.INPUT.CROP.SIZE = (args.size, args.size)
-    cfg.freeze()
+    cfg = benchmark_config(args.config_file, args.size, args.opts)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = build_model(cfg)
