@@ -4,7 +4,7 @@
 
     .venv/bin/python benchmarks/fast_schedules.py --output output/bench/fast_schedules
     .venv/bin/python benchmarks/fast_schedules.py --schedules constant coarse2fine+ --warmup 0 10 --seeds 1 2 3 --json
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fast_schedules.py --jobs 2 ...   # two one-thread runs at a time
+    .venv/bin/python benchmarks/fast_schedules.py --jobs 2 ...   # two runs at a time, one core each
 
 Each row trains the demo DeepLabV3+ (``--config-file``; its head is switched to the global-pool ASPP so any
 crop works) with INPUT.CROP_SCHEDULE on: the constant schedule and each fast schedule with and without a
@@ -16,8 +16,11 @@ warm-up, training seconds, images/s, speed-up over constant, mIoU mean +- std ov
 JSON list, one object per row with keys schedule, warmup, wall_s, images_per_s, speedup, mIoU (and mIoU_std,
 seeds, iterations).
 
-With --jobs N, N runs go at a time, seed by seed, so that each schedule shares the machine with the
-others alike; give each run 1/N of the cores (OMP_NUM_THREADS).
+With --jobs N, N runs go at a time, seed by seed, each pinned to its own 1/N of the cores (CPU affinity and
+OMP_NUM_THREADS), so that every schedule shares the machine with the others alike. On a machine whose speed
+drifts (a shared VM), this compares schedules under the same conditions, which one run after another does not.
+Never run two benchmarks (or any two torch jobs with default threads) at once: OpenMP threads that outnumber
+the cores busy-wait and slow each other several-fold.
 
 wall_s is Detectron2's "Total training time" of the run (training only: model building and the final
 evaluation, equal for all schedules, are left out), averaged over seeds. Never asserted by tests.
@@ -27,6 +30,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import queue
 import re
 import statistics
 import subprocess
@@ -67,7 +71,18 @@ def run_name(args, schedule, warmup, seed):
     return f"{name}-{hashlib.sha256(repr(settings).encode()).hexdigest()[:8]}"
 
 
-def run_one(args, schedule, warmup, seed):
+def core_slots(jobs, cores=None):
+    """Split the usable cores into ``jobs`` disjoint sets, one per concurrent run (None: no pinning)."""
+    if jobs <= 1:
+        return [None]
+    cores = sorted(os.sched_getaffinity(0) if cores is None else cores)
+    if len(cores) < jobs:
+        raise SystemExit(f"--jobs {jobs} needs at least {jobs} usable cores, this process has {len(cores)}")
+    per = len(cores) // jobs
+    return [cores[i * per:(i + 1) * per] for i in range(jobs)]
+
+
+def run_one(args, schedule, warmup, seed, slots):
     name = run_name(args, schedule, warmup, seed)
     out = os.path.join(args.output, name)
     metrics = os.path.join(out, "final_metrics.json")
@@ -79,9 +94,17 @@ def run_one(args, schedule, warmup, seed):
                "INPUT.CROP_SCHEDULE.WARMUP_EPOCHS", str(warmup),
                "INPUT.CROP_SCHEDULE.SCALES", repr(args.scales),
                "INPUT.CROP_SCHEDULE.MAX_BATCH", str(args.max_batch), *args.opts]
+        cores = slots.get()
+        env = dict(os.environ)
+        if cores is not None:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(len(cores))
         start = time.perf_counter()
-        with open(os.path.join(args.output, f"{name}.log"), "w") as log:
-            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            with open(os.path.join(args.output, f"{name}.log"), "w") as log:
+                code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                       preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores))
+        finally:
+            slots.put(cores)
         if code:
             raise SystemExit(f"run {out} failed (exit {code}); see {log.name}")
         print(f"# {schedule} warm-up {warmup} seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
@@ -101,7 +124,7 @@ def main():
     parser.add_argument("--scales", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time (set OMP_NUM_THREADS so that jobs x threads fits the cores)")
+                        help="runs at a time, each pinned to its share of the cores with as many threads")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = parser.parse_args()
@@ -111,8 +134,11 @@ def main():
     variants = [(s, w) for s in schedules for w in ([0] if s == "constant" else args.warmup)]
     # Seed-major order, so that with --jobs > 1 every schedule runs beside the others, not beside itself.
     order = [(s, w, seed) for seed in args.seeds for s, w in variants]
+    slots = queue.Queue()
+    for cores in core_slots(args.jobs):
+        slots.put(cores)
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        futures = {key: pool.submit(run_one, args, *key) for key in order}
+        futures = {key: pool.submit(run_one, args, *key, slots) for key in order}
         results = {key: f.result() for key, f in futures.items()}
     rows = []
     for schedule, warmup in variants:
@@ -125,6 +151,7 @@ def main():
             "mIoU": statistics.mean(mious),
             "mIoU_std": statistics.stdev(mious) if len(mious) > 1 else 0.0,
             "mIoU_runs": mious,
+            "wall_s_runs": [r["wall_s"] for r in runs],
         })
     from selftrain_d2.config import load_config
 
@@ -143,6 +170,15 @@ def main():
     for r in rows:
         print(f"| {r['schedule']} | {r['warmup']} | {r['iterations']} | {r['wall_s']:.0f} | {r['images_per_s']:.1f} | "
               f"{r['speedup']:.2f}x | {r['mIoU']:.2f} +- {r['mIoU_std']:.2f} |")
+    if len(args.seeds) > 1:
+        print("\nPer seed, training s / mIoU (speed-up over the same seed's constant run):")
+        print("| seed | " + " | ".join(f"{r['schedule']} w{r['warmup']}" for r in rows) + " |")
+        print("|---" * (len(rows) + 1) + "|")
+        for i, seed in enumerate(args.seeds):
+            cells = [f"{r['wall_s_runs'][i]:.0f} / {r['mIoU_runs'][i]:.2f}"
+                     + (f" ({rows[0]['wall_s_runs'][i] / r['wall_s_runs'][i]:.2f}x)" if r is not rows[0] else "")
+                     for r in rows]
+            print(f"| {seed} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
