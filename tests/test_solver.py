@@ -69,8 +69,38 @@ def test_sgd_with_multiplier_one_equals_detectron2s_optimizer():
     ours, theirs = build_optimizer(cfg, model), d2_build_optimizer(cfg, model)
     assert type(ours) is type(theirs) is torch.optim.SGD
     assert _hyper(ours, model) == _hyper(theirs, model)
+    kernels = ("params", "foreach", "fused")  # the same updates through other kernels (see below)
     for a, b in zip(ours.param_groups, theirs.param_groups):
-        assert {k: v for k, v in a.items() if k != "params"} == {k: v for k, v in b.items() if k != "params"}
+        assert {k: v for k, v in a.items() if k not in kernels} == {k: v for k, v in b.items() if k not in kernels}
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "ADAMW"])
+def test_fused_kernels_on_the_cpu_update_as_the_default_loop(optimizer):
+    torch.manual_seed(0)
+    model = _Tiny()
+    reference = _Tiny()
+    reference.load_state_dict(model.state_dict())
+    initial = [p.detach().clone() for p in model.parameters()]
+    cfg = _cfg("SOLVER.OPTIMIZER", optimizer)
+    ours = build_optimizer(cfg, model)
+    assert ours.defaults["fused"] is True
+    plain = type(ours)([{**g, "params": [dict(reference.named_parameters())[n] for n in names]}
+                        for g, names in _group_names(ours, model)], lr=cfg.SOLVER.BASE_LR, foreach=False)
+    for step in range(3):
+        gradients = {n: torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
+        for m, opt in ((model, ours), (reference, plain)):
+            for n, p in m.named_parameters():
+                p.grad = gradients.get(n)
+            opt.step()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not any(torch.equal(a, b) for a, b in zip(model.parameters(), initial) if a.requires_grad)
+
+
+def _group_names(optimizer, model):
+    names = {p: n for n, p in model.named_parameters()}
+    return [({k: v for k, v in g.items() if k not in ("params", "foreach", "fused")}, [names[p] for p in g["params"]])
+            for g in optimizer.param_groups]
 
 
 def test_unknown_optimizer_is_named():
