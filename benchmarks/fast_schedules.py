@@ -16,7 +16,8 @@ warm-up, training seconds, images/s, speed-up over constant, mIoU mean +- std ov
 JSON list, one object per row with keys schedule, warmup, wall_s, images_per_s, speedup, mIoU (and mIoU_std,
 seeds, iterations).
 
-With --jobs N, N runs go at a time, seed by seed, each pinned to its own 1/N of the cores (CPU affinity and
+Runs go seed by seed, every other seed in reverse order (A B, B A, ...), so that a drift of the machine's speed
+does not always fall on the same schedule. With --jobs N, N runs go at a time, each pinned to its own 1/N of the cores (CPU affinity and
 OMP_NUM_THREADS), so that every schedule shares the machine with the others alike. On a machine whose speed
 drifts (a shared VM), this compares schedules under the same conditions, which one run after another does not.
 Never run two benchmarks (or any two torch jobs with default threads) at once: OpenMP threads that outnumber
@@ -132,8 +133,10 @@ def main():
 
     schedules = list(dict.fromkeys(["constant"] + args.schedules))
     variants = [(s, w) for s in schedules for w in ([0] if s == "constant" else args.warmup)]
-    # Seed-major order, so that with --jobs > 1 every schedule runs beside the others, not beside itself.
-    order = [(s, w, seed) for seed in args.seeds for s, w in variants]
+    # Seed-major order, so that with --jobs > 1 every schedule runs beside the others, not beside itself;
+    # every other seed in reverse (A B, B A, ...), so that a machine slowing down over the runs does not
+    # always fall on the same schedule.
+    order = [(s, w, seed) for i, seed in enumerate(args.seeds) for s, w in (variants[::-1] if i % 2 else variants)]
     slots = queue.Queue()
     for cores in core_slots(args.jobs):
         slots.put(cores)
