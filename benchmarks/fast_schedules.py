@@ -16,10 +16,10 @@ warm-up, training seconds, images/s, speed-up over constant, mIoU mean +- std ov
 JSON list, one object per row with keys schedule, warmup, wall_s, images_per_s, speedup, mIoU (and mIoU_std,
 seeds, iterations).
 
-Runs go seed by seed, every other seed in reverse order (A B, B A, ...), so that a drift of the machine's speed
-does not always fall on the same schedule. With --jobs N, N runs go at a time, each pinned to its own 1/N of the cores (CPU affinity and
-OMP_NUM_THREADS), so that every schedule shares the machine with the others alike. On a machine whose speed
-drifts (a shared VM), this compares schedules under the same conditions, which one run after another does not.
+Runs go seed by seed, every other seed in reverse order (A B, B A, ...), so that a drift of the machine's
+speed does not always fall on the same schedule. With --jobs N, N runs go at a time, each pinned to its own
+1/N of the cores (CPU affinity and OMP_NUM_THREADS), so that the schedules share one machine state; but with
+fewer threads per run, small-crop steps lose some of their parallel advantage, so it is a different setting.
 Never run two benchmarks (or any two torch jobs with default threads) at once: OpenMP threads that outnumber
 the cores busy-wait and slow each other several-fold.
 
