@@ -17,11 +17,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from detectron2.data import DatasetCatalog  # noqa: E402
-from detectron2.solver import build_optimizer  # noqa: E402
 
 from selftrain_d2.config import load_config  # noqa: E402
 from selftrain_d2.data import build_mapper  # noqa: E402
 from selftrain_d2.modeling import build_model  # noqa: E402
+from selftrain_d2.solver import build_optimizer  # noqa: E402
 
 
 def main():
