@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Cost of a training step at each (crop, batch) of a crop-size schedule, per pixel, against the full crop.
+
+    .venv/bin/python benchmarks/crop_step_cost.py
+    .venv/bin/python benchmarks/crop_step_cost.py --config-file CFG --scales 0.5 0.75 1.0 --rounds 6 [KEY VALUE ...]
+
+A fast schedule saves what its pixels save only if a small-crop step costs no more per pixel than a
+full-crop step (the batch grows as the crop shrinks, so every step holds about the same pixels). This
+measures that directly: it builds the model of ``--config-file`` (with the global-pool ASPP head, as
+benchmarks/fast_schedules.py does) and the trainer's optimizer, derives the (crop, batch) pairs from the
+scales as INPUT.CROP_SCHEDULE would (scaled_crop, batch_for_crop), and times forward + backward +
+optimizer steps on random images and labels of each shape. Shapes take turns, in alternating order over
+--rounds rounds of --steps steps, so a drift in machine speed spreads over all of them.
+
+Prints a table (crop, batch, pixels per batch, median and fastest step in ms, seconds per megapixel,
+cost per pixel relative to the largest crop), or with --json one JSON list, one object per shape. Data
+loading is left out: the mapper's cost is per image, the same total for every schedule. Never asserted by
+tests.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from selftrain_d2.config import load_config  # noqa: E402
+from selftrain_d2.data.crop_schedules import batch_for_crop, scaled_crop  # noqa: E402
+from selftrain_d2.engine import Trainer  # noqa: E402
+from selftrain_d2.modeling import build_model  # noqa: E402
+
+
+def schedule_shapes(cfg):
+    """The distinct (crop, batch) pairs of INPUT.CROP_SCHEDULE's scales, smallest crop first."""
+    cs = cfg.INPUT.CROP_SCHEDULE
+    full_crop = tuple(cfg.INPUT.CROP.SIZE)
+    full_batch = cfg.SOLVER.IMS_PER_BATCH
+    shapes = []
+    for scale in sorted(cs.SCALES):
+        crop = scaled_crop(full_crop, scale, cs.SIZE_DIVISIBILITY)
+        shape = (crop, batch_for_crop(crop, full_crop, full_batch, max(cs.MAX_BATCH, full_batch)))
+        if shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
+def random_batch(crop, batch, num_classes, generator):
+    return [{"image": torch.randint(0, 256, (3, *crop), dtype=torch.uint8, generator=generator),
+             "sem_seg": torch.randint(0, num_classes, crop, generator=generator)} for _ in range(batch)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default=os.path.join(ROOT, "configs", "demo", "deeplabv3plus-effnetlite0.yaml"))
+    parser.add_argument("--scales", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per shape and round")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = parser.parse_args()
+
+    cfg = load_config(args.config_file, [
+        "MODEL.SEM_SEG_HEAD.NAME", "DeepLabV3PlusGlobalPoolHead", "MODEL.WEIGHTS", "",
+        "INPUT.CROP_SCHEDULE.SCALES", repr(args.scales), "INPUT.CROP_SCHEDULE.MAX_BATCH", str(args.max_batch),
+        *args.opts])
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    optimizer = Trainer.build_optimizer(cfg, model)
+    shapes = schedule_shapes(cfg)
+    batches = {s: random_batch(*s, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, generator) for s in shapes}
+
+    def step(batch):
+        loss = sum(model(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    for s in shapes:  # first steps at a new shape pay for allocation and kernel set-up
+        step(batches[s])
+        step(batches[s])
+    times = {s: [] for s in shapes}
+    for r in range(args.rounds):
+        for s in (shapes if r % 2 == 0 else shapes[::-1]):
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                step(batches[s])
+                times[s].append(time.perf_counter() - start)
+
+    rows = []
+    for (crop, batch) in shapes:
+        pixels = crop[0] * crop[1] * batch
+        median = statistics.median(times[(crop, batch)])
+        rows.append({"crop": list(crop), "batch": batch, "pixels": pixels, "step_ms": round(1000 * median, 1),
+                     "step_min_ms": round(1000 * min(times[(crop, batch)]), 1),
+                     "s_per_mpx": round(median / pixels * 1e6, 4)})
+    for row in rows:  # against the largest crop (the full one with the default scales)
+        row["relative"] = round(row["s_per_mpx"] / rows[-1]["s_per_mpx"], 3)
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(f"{args.rounds} rounds x {args.steps} steps per shape, {torch.get_num_threads()} threads, "
+          f"loadavg {os.getloadavg()[0]:.2f}")
+    print("| crop | batch | pixels | step ms (median) | fastest | s / Mpx | per pixel vs full crop |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['crop'][0]}x{row['crop'][1]} | {row['batch']} | {row['pixels']} | {row['step_ms']} | "
+              f"{row['step_min_ms']} | {row['s_per_mpx']} | {row['relative']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
