@@ -32,6 +32,7 @@ from selftrain_d2.config import load_config  # noqa: E402
 from selftrain_d2.data.crop_schedules import batch_for_crop, scaled_crop  # noqa: E402
 from selftrain_d2.engine import Trainer  # noqa: E402
 from selftrain_d2.modeling import build_model  # noqa: E402
+from selftrain_d2.utils.onednn import set_primitive_cache_capacity  # noqa: E402
 
 
 def schedule_shapes(cfg):
@@ -68,6 +69,7 @@ def main():
         "MODEL.SEM_SEG_HEAD.NAME", "DeepLabV3PlusGlobalPoolHead", "MODEL.WEIGHTS", "",
         "INPUT.CROP_SCHEDULE.SCALES", repr(args.scales), "INPUT.CROP_SCHEDULE.MAX_BATCH", str(args.max_batch),
         *args.opts])
+    set_primitive_cache_capacity(cfg.ONEDNN_PRIMITIVE_CACHE_CAPACITY)  # as the tools do: every shape's kernels kept
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = build_model(cfg)
