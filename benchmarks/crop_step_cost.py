@@ -8,7 +8,7 @@ A fast schedule saves what its pixels save only if a small-crop step costs no mo
 full-crop step (the batch grows as the crop shrinks, so every step holds about the same pixels). This
 measures that directly: it builds the model of ``--config-file`` (with the global-pool ASPP head, as
 benchmarks/fast_schedules.py does) and the trainer's optimizer, derives the (crop, batch) pairs from the
-scales as INPUT.CROP_SCHEDULE would (scaled_crop, batch_for_crop), and times forward + backward +
+scales as INPUT.CROP_SCHEDULE does (the trainer's EpochTable), and times forward + backward +
 optimizer steps on random images and labels of each shape. Shapes take turns, in alternating order over
 --rounds rounds of --steps steps, so a drift in machine speed spreads over all of them.
 
@@ -29,24 +29,20 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from selftrain_d2.config import load_config  # noqa: E402
-from selftrain_d2.data.crop_schedules import batch_for_crop, scaled_crop  # noqa: E402
+from selftrain_d2.data.crop_schedules import EpochTable  # noqa: E402
 from selftrain_d2.engine import Trainer  # noqa: E402
 from selftrain_d2.modeling import build_model  # noqa: E402
 from selftrain_d2.utils.onednn import set_primitive_cache_capacity  # noqa: E402
 
 
 def schedule_shapes(cfg):
-    """The distinct (crop, batch) pairs of INPUT.CROP_SCHEDULE's scales, smallest crop first."""
+    """The distinct (crop, batch) pairs of INPUT.CROP_SCHEDULE's scales, smallest crop first: one
+    coarse2fine+ cycle of the trainer's own EpochTable, one epoch per scale."""
     cs = cfg.INPUT.CROP_SCHEDULE
-    full_crop = tuple(cfg.INPUT.CROP.SIZE)
-    full_batch = cfg.SOLVER.IMS_PER_BATCH
-    shapes = []
-    for scale in sorted(cs.SCALES):
-        crop = scaled_crop(full_crop, scale, cs.SIZE_DIVISIBILITY)
-        shape = (crop, batch_for_crop(crop, full_crop, full_batch, max(cs.MAX_BATCH, full_batch)))
-        if shape not in shapes:
-            shapes.append(shape)
-    return shapes
+    table = EpochTable(schedule="coarse2fine+", scales=cs.SCALES, full_crop=tuple(cfg.INPUT.CROP.SIZE),
+                       full_batch=cfg.SOLVER.IMS_PER_BATCH, max_batch=cs.MAX_BATCH, epoch_size=1,
+                       num_epochs=len(cs.SCALES), size_divisibility=cs.SIZE_DIVISIBILITY)
+    return list(dict.fromkeys((e.crop, e.batch) for e in table.entries))
 
 
 def random_batch(crop, batch, num_classes, generator):
@@ -96,11 +92,11 @@ def main():
                 times[s].append(time.perf_counter() - start)
 
     rows = []
-    for (crop, batch) in shapes:
+    for (crop, batch), seconds in times.items():
         pixels = crop[0] * crop[1] * batch
-        median = statistics.median(times[(crop, batch)])
+        median = statistics.median(seconds)
         rows.append({"crop": list(crop), "batch": batch, "pixels": pixels, "step_ms": round(1000 * median, 1),
-                     "step_min_ms": round(1000 * min(times[(crop, batch)]), 1),
+                     "step_min_ms": round(1000 * min(seconds), 1),
                      "s_per_mpx": round(median / pixels * 1e6, 4)})
     for row in rows:  # against the largest crop (the full one with the default scales)
         row["relative"] = round(row["s_per_mpx"] / rows[-1]["s_per_mpx"], 3)

@@ -20,8 +20,8 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 
 from selftrain_d2.config import load_config  # noqa: E402
 from selftrain_d2.data import build_mapper  # noqa: E402
+from selftrain_d2.engine import Trainer  # noqa: E402
 from selftrain_d2.modeling import build_model  # noqa: E402
-from selftrain_d2.solver import build_optimizer  # noqa: E402
 
 
 def main():
@@ -43,7 +43,7 @@ def main():
 
     model = build_model(cfg)
     model.train()
-    optimizer = build_optimizer(cfg, model)
+    optimizer = Trainer.build_optimizer(cfg, model)
     batch_size = cfg.SOLVER.IMS_PER_BATCH
     batches = [[samples[(i * batch_size + j) % n] for j in range(batch_size)] for i in range(args.iters + args.warmup)]
 
