@@ -5,7 +5,7 @@ row ``i + t * dilation`` for output row ``i``. When ``|t| * dilation >= size`` t
 every output, so the tap adds exact zeros: the convolution equals one with the kernel cut to its live taps and
 the padding cut to match (DeepLab v3 notes the extreme case: a rate near the map size leaves a 1x1 filter).
 The ASPP's dilations meet this on small maps, e.g. rates 4 and 6 on the 2x4 res5 map of a 64x128 crop, where
-the full kernel cost several times more per pixel than on a full-size crop. Outputs and gradients are the
+the full kernels made the ASPP cost about twice as much per pixel as at a full-size crop. Outputs and gradients are the
 same (the cut taps' weight gradients stay exact zeros); parameters and state-dict keys are unchanged.
 """
 import torch.nn.functional as F
