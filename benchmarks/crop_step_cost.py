@@ -50,21 +50,44 @@ def random_batch(crop, batch, num_classes, generator):
              "sem_seg": torch.randint(0, num_classes, crop, generator=generator)} for _ in range(batch)]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(description, steps):
+    """The arguments of the benchmarks that time a schedule's shapes (this one and dilated_conv.py)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default=os.path.join(ROOT, "configs", "demo", "deeplabv3plus-effnetlite0.yaml"))
     parser.add_argument("--scales", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per shape and round")
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per shape (and variant) and round")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    cfg = load_config(args.config_file, [
+
+def schedule_config(args):
+    """``--config-file`` with the global-pool head (as benchmarks/fast_schedules.py trains it), no weights file,
+    the schedule's scales and batch cap, and the KEY VALUE overrides."""
+    return load_config(args.config_file, [
         "MODEL.SEM_SEG_HEAD.NAME", "DeepLabV3PlusGlobalPoolHead", "MODEL.WEIGHTS", "",
         "INPUT.CROP_SCHEDULE.SCALES", repr(args.scales), "INPUT.CROP_SCHEDULE.MAX_BATCH", str(args.max_batch),
         *args.opts])
+
+
+def print_table(rows, title, columns, as_json):
+    """``rows`` as one JSON list, or a title line and a table of ``columns``: (header, row key or row -> text)."""
+    if as_json:
+        print(json.dumps(rows))
+        return
+    cells = [(h, f if callable(f) else (lambda r, k=f: str(r[k]))) for h, f in columns]
+    print(title)
+    print("| " + " | ".join(h for h, _ in cells) + " |")
+    print("|" + "---|" * len(cells))
+    for row in rows:
+        print("| " + " | ".join(f(row) for _, f in cells) + " |")
+
+
+def main():
+    args = parse_args(__doc__, steps=3)
+    cfg = schedule_config(args)
     set_primitive_cache_capacity(cfg.ONEDNN_PRIMITIVE_CACHE_CAPACITY)  # as the tools do: every shape's kernels kept
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
@@ -100,16 +123,11 @@ def main():
                      "s_per_mpx": round(median / pixels * 1e6, 4)})
     for row in rows:  # against the largest crop (the full one with the default scales)
         row["relative"] = round(row["s_per_mpx"] / rows[-1]["s_per_mpx"], 3)
-    if args.json:
-        print(json.dumps(rows))
-        return
-    print(f"{args.rounds} rounds x {args.steps} steps per shape, {torch.get_num_threads()} threads, "
-          f"loadavg {os.getloadavg()[0]:.2f}")
-    print("| crop | batch | pixels | step ms (median) | fastest | s / Mpx | per pixel vs full crop |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['crop'][0]}x{row['crop'][1]} | {row['batch']} | {row['pixels']} | {row['step_ms']} | "
-              f"{row['step_min_ms']} | {row['s_per_mpx']} | {row['relative']:.3f} |")
+    print_table(rows, f"{args.rounds} rounds x {args.steps} steps per shape, {torch.get_num_threads()} threads, "
+                      f"loadavg {os.getloadavg()[0]:.2f}",
+                [("crop", lambda r: f"{r['crop'][0]}x{r['crop'][1]}"), ("batch", "batch"), ("pixels", "pixels"), ("step ms (median)", "step_ms"),
+                 ("fastest", "step_min_ms"), ("s / Mpx", "s_per_mpx"),
+                 ("per pixel vs full crop", lambda r: f"{r['relative']:.3f}")], args.json)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ backward of the ASPP alone on a random res5 map of that crop, both variants in t
 and checks that outputs and input gradients agree. Prints a table (crop, batch, res5 map, median ms with and
 without skipping, speed-up, largest output difference) or with --json one JSON list. Never asserted by tests.
 """
-import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -25,8 +23,7 @@ from detectron2.layers import Conv2d
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from crop_step_cost import schedule_shapes  # noqa: E402
-from selftrain_d2.config import load_config  # noqa: E402
+from crop_step_cost import parse_args, print_table, schedule_config, schedule_shapes  # noqa: E402
 from selftrain_d2.modeling import build_model  # noqa: E402
 from selftrain_d2.modeling.dilated_conv import PaddingFreeConv2d  # noqa: E402
 
@@ -41,20 +38,8 @@ def full_kernel_copy(module):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", default=os.path.join(ROOT, "configs", "demo", "deeplabv3plus-effnetlite0.yaml"))
-    parser.add_argument("--scales", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
-    parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant, shape and round")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = parser.parse_args()
-
-    cfg = load_config(args.config_file, [
-        "MODEL.SEM_SEG_HEAD.NAME", "DeepLabV3PlusGlobalPoolHead", "MODEL.WEIGHTS", "",
-        "INPUT.CROP_SCHEDULE.SCALES", repr(args.scales), "INPUT.CROP_SCHEDULE.MAX_BATCH", str(args.max_batch),
-        *args.opts])
+    args = parse_args(__doc__, steps=5)
+    cfg = schedule_config(args)
     torch.manual_seed(0)
     model = build_model(cfg)
     in_feature = cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES[-1]
@@ -94,17 +79,13 @@ def main():
         rows.append({"crop": list(crop), "batch": batch, "map": list(x.shape[-2:]), "skip_ms": round(1000 * skip, 2),
                      "full_ms": round(1000 * full, 2), "speedup": round(full / skip, 2),
                      "max_abs_diff": diffs[(crop, batch)]})
-    if args.json:
-        print(json.dumps(rows))
-        return
-    print(f"ASPP of {in_feature} ({channels} channels, dilations {list(cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS)}), "
-          f"forward + backward, {args.rounds} rounds x {args.steps} steps, {torch.get_num_threads()} threads")
-    print("| crop | batch | map | skipping taps (ms) | full kernel (ms) | speed-up | max abs diff |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['crop'][0]}x{row['crop'][1]} | {row['batch']} | {row['map'][0]}x{row['map'][1]} | "
-              f"{row['skip_ms']} | {row['full_ms']} | {row['speedup']} | {row['max_abs_diff']:.1e} |")
-
+    print_table(rows, f"ASPP of {in_feature} ({channels} channels, dilations "
+                      f"{list(cfg.MODEL.SEM_SEG_HEAD.ASPP_DILATIONS)}), forward + backward, {args.rounds} rounds x "
+                      f"{args.steps} steps, {torch.get_num_threads()} threads",
+                [("crop", lambda r: f"{r['crop'][0]}x{r['crop'][1]}"), ("batch", "batch"),
+                 ("map", lambda r: f"{r['map'][0]}x{r['map'][1]}"), ("skipping taps (ms)", "skip_ms"),
+                 ("full kernel (ms)", "full_ms"), ("speed-up", "speedup"),
+                 ("max abs diff", lambda r: f"{r['max_abs_diff']:.1e}")], args.json)
 
 if __name__ == "__main__":
     main()
