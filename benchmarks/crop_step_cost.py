@@ -53,7 +53,8 @@ def random_batch(crop, batch, num_classes, generator):
 def parse_args(description, steps):
     """The arguments of the benchmarks that time a schedule's shapes (this one and dilated_conv.py)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", default=os.path.join(ROOT, "configs", "demo", "deeplabv3plus-effnetlite0.yaml"))
+    parser.add_argument("--config-file",
+                        default=os.path.join(ROOT, "configs", "demo", "deeplabv3plus-effnetlite0.yaml"))
     parser.add_argument("--scales", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4)
@@ -125,8 +126,8 @@ def main():
         row["relative"] = round(row["s_per_mpx"] / rows[-1]["s_per_mpx"], 3)
     print_table(rows, f"{args.rounds} rounds x {args.steps} steps per shape, {torch.get_num_threads()} threads, "
                       f"loadavg {os.getloadavg()[0]:.2f}",
-                [("crop", lambda r: f"{r['crop'][0]}x{r['crop'][1]}"), ("batch", "batch"), ("pixels", "pixels"), ("step ms (median)", "step_ms"),
-                 ("fastest", "step_min_ms"), ("s / Mpx", "s_per_mpx"),
+                [("crop", lambda r: f"{r['crop'][0]}x{r['crop'][1]}"), ("batch", "batch"), ("pixels", "pixels"),
+                 ("step ms (median)", "step_ms"), ("fastest", "step_min_ms"), ("s / Mpx", "s_per_mpx"),
                  ("per pixel vs full crop", lambda r: f"{r['relative']:.3f}")], args.json)
 
 

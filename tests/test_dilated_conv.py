@@ -83,5 +83,6 @@ def test_convert_keeps_parameters_and_skips_undilated_convs():
                               Conv2d(4, 4, 3, padding=1), Conv2d(4, 4, 3, stride=2, padding=2, dilation=2))
     weight = net[0].weight
     convert_dilated_convs(net)
-    assert type(net[0]) is PaddingFreeConv2d and net[0].weight is weight and isinstance(net[0].norm, torch.nn.BatchNorm2d)
+    assert type(net[0]) is PaddingFreeConv2d and net[0].weight is weight
+    assert isinstance(net[0].norm, torch.nn.BatchNorm2d)
     assert type(net[1]) is Conv2d and type(net[2]) is Conv2d
