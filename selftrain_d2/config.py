@@ -58,6 +58,9 @@ def add_selftrain_config(cfg):
 
     # Training loader: unreadable images are skipped and reported instead of stopping the run.
     cfg.DATALOADER.SKIP_UNREADABLE = True
+    # Decoded training images and label maps kept in memory per loader process (semantic mapper), in MiB;
+    # 0: decode every time. Worth it when the labeled split fits: it is read again every epoch.
+    cfg.DATALOADER.DECODE_CACHE_MB = 0
 
     # Student training on real + pseudo labels (selftrain_d2.data.samplers): pseudo-labelled datasets
     # mixed into every epoch beside DATASETS.TRAIN (the real labels).

@@ -1,4 +1,5 @@
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ from PIL import Image
 from selftrain_d2.config import load_config
 from selftrain_d2.data import MAPPER_REGISTRY, build_mapper
 from selftrain_d2.data.build import SeededTrainStream, permutation_stream
-from selftrain_d2.data.image_io import LabelValueError, UnreadableImageError, read_image, read_sem_seg
+from selftrain_d2.data.image_io import (DecodeCache, LabelValueError, UnreadableImageError, read_image,
+                                        read_sem_seg)
 
 from .conftest import DEMO_CONFIG
 
@@ -67,6 +69,62 @@ def test_truncated_and_missing_images_name_the_file(tmp_path):
     (tmp_path / "text.jpg").write_text("not an image")
     with pytest.raises(UnreadableImageError, match="text.jpg"):
         read_image(str(tmp_path / "text.jpg"))
+
+
+def test_decode_cache_keeps_the_most_recent_arrays_within_its_bytes():
+    cache = DecodeCache(300)
+    loads = []
+
+    def loader(key, nbytes):
+        return lambda: loads.append(key) or np.full(nbytes, len(loads), np.uint8)
+
+    a = cache.get("a", loader("a", 100))
+    assert not a.flags.writeable  # cached arrays are read-only
+    cache.get("b", loader("b", 100))
+    assert cache.get("a", loader("a", 100)) is a  # a hit: not loaded again, now the most recent
+    cache.get("c", loader("c", 150))  # 350 bytes > 300: "b", the least recently used, goes
+    assert len(cache) == 2 and cache.nbytes == 250
+    cache.get("b", loader("b", 100))
+    assert loads == ["a", "b", "c", "b"] and (cache.hits, cache.misses) == (1, 4)
+    big = cache.get("big", loader("big", 400))  # larger than the whole cache: returned, not kept
+    assert big.flags.writeable and "big" not in cache._items
+    off = DecodeCache(0)
+    off.get("a", loader("a", 10))
+    off.get("a", loader("a", 10))
+    assert len(off) == 0 and loads[-2:] == ["a", "a"]
+
+
+def test_semantic_mapper_decode_cache_gives_the_same_samples(tmp_path):
+    import random
+
+    records = [_write_pair(tmp_path, f"img{i}", label_value=2 + i) for i in range(3)]
+    augment = ["INPUT.COLOR_JITTER", "0.3", "INPUT.GAUSSIAN_BLUR", "0.5"]  # every transform on the cached arrays
+    plain = build_mapper(_cfg("DATALOADER.DECODE_CACHE_MB", "0", *augment), is_train=True)
+    cached = build_mapper(_cfg("DATALOADER.DECODE_CACHE_MB", "1", *augment), is_train=True)
+    assert plain.cache is None and cached.cache.capacity == 2**20
+
+    def epoch(mapper, e):
+        out = []
+        for i, record in enumerate(records):
+            np.random.seed(10 * e + i)
+            random.seed(10 * e + i)
+            out.append(mapper(record))
+        return out
+
+    expected = [epoch(plain, e) for e in range(2)]
+    got = [epoch(cached, 0)]
+    for record in records:  # the second epoch reads nothing from disk
+        os.remove(record["file_name"])
+        os.remove(record["sem_seg_file_name"])
+    got.append(epoch(cached, 1))
+    for ref_epoch, got_epoch in zip(expected, got):
+        for ref, out in zip(ref_epoch, got_epoch):
+            assert torch.equal(ref["image"], out["image"]) and torch.equal(ref["sem_seg"], out["sem_seg"])
+    assert (cached.cache.hits, cached.cache.misses, len(cached.cache)) == (6, 6, 6)
+    # Label ids are checked on the way in, so a bad label map still names its file.
+    bad = _write_pair(tmp_path, "bad", label_value=42)
+    with pytest.raises(LabelValueError, match="bad.png"):
+        cached(bad)
 
 
 def test_mapper_registry_chooses_by_name(tmp_path):

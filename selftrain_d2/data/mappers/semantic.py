@@ -12,7 +12,7 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as d2_utils
 from detectron2.data import transforms as T
 
-from ..image_io import read_image, read_sem_seg
+from ..image_io import DecodeCache, read_image, read_sem_seg
 from . import MAPPER_REGISTRY
 
 __all__ = [
@@ -190,8 +190,9 @@ class SemanticMapper:
     supports_crop_size = True  # and at a record's "crop_size" (crop-size schedules)
 
     @configurable
-    def __init__(self, *, is_train, augmentations, image_format, num_classes, ignore_label):
+    def __init__(self, *, is_train, augmentations, image_format, num_classes, ignore_label, decode_cache_mb=0):
         self.is_train = is_train
+        self.cache = DecodeCache(decode_cache_mb * 2**20) if decode_cache_mb > 0 else None
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.num_classes = num_classes
@@ -205,15 +206,16 @@ class SemanticMapper:
             "image_format": cfg.INPUT.FORMAT,
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             "ignore_label": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            "decode_cache_mb": cfg.DATALOADER.DECODE_CACHE_MB if is_train else 0,
         }
 
     def __call__(self, dataset_dict):
         record = copy.copy(dataset_dict)
-        image = read_image(record["file_name"], self.image_format)
+        image = read_image(record["file_name"], self.image_format, self.cache)
         d2_utils.check_image_size(record, image)
         sem_seg = None
         if self.is_train and "sem_seg_file_name" in record:
-            sem_seg = read_sem_seg(record.pop("sem_seg_file_name"), self.num_classes, self.ignore_label)
+            sem_seg = read_sem_seg(record.pop("sem_seg_file_name"), self.num_classes, self.ignore_label, self.cache)
             if sem_seg.shape != image.shape[:2]:
                 raise ValueError(
                     f"label map {dataset_dict['sem_seg_file_name']} is {sem_seg.shape[::-1]} (WxH) but image "
