@@ -61,9 +61,12 @@ def main():
     register_from_cfg(cfg)
     records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
     cache_mb = args.cache_mb if args.cache_mb is not None else (cfg.DATALOADER.DECODE_CACHE_MB or 64)
+    if cache_mb <= 0:
+        raise SystemExit(f"--cache-mb {cache_mb}: give a positive capacity to compare against no cache")
     crops = [None if c == "config" else tuple(int(v) for v in c.split("x")) for c in args.crops]
     variants = [(crop, mb) for crop in crops for mb in (0, cache_mb)]
     times = {v: [] for v in variants}
+    hits = 0
     for r in range(args.rounds):
         for crop, mb in (variants if r % 2 == 0 else variants[::-1]):
             c = cfg.clone()
