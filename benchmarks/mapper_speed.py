@@ -4,14 +4,13 @@
     .venv/bin/python benchmarks/mapper_speed.py
     .venv/bin/python benchmarks/mapper_speed.py --config-file CFG --crops 64x128 128x256 --epochs 4 [KEY VALUE ...]
 
-Maps the first dataset of DATASETS.TRAIN for --epochs passes, NumPy and ``random`` seeded per sample
-(the same draws for both variants), with the cache off and at the config's capacity (or --cache-mb), in alternating order over --rounds
-rounds. The first pass fills the cache and is left out: the figures are what every later epoch costs.
-Each crop is given to the mapper as a crop-size schedule gives it (a record's ``crop_size``). Prints a
-table (crop, cache MiB, ms per image, speed-up over no cache; the title gives the last cached round's
-hits), or with --json one JSON list. Data loading runs in the
-training process here (NUM_WORKERS 0), so on the demo this time adds to every training step. Never
-asserted by tests.
+Maps the first dataset of DATASETS.TRAIN for --epochs passes, NumPy and ``random`` seeded per sample (the same
+draws for both variants), with the cache off and at the config's capacity (or --cache-mb), in alternating
+order over --rounds rounds. The first pass fills the cache and is left out: the figures are what every later
+epoch costs. Each crop is given to the mapper as a crop-size schedule gives it (a record's ``crop_size``).
+Prints a table (crop, cache MiB, ms per image, speed-up over no cache; the title gives the last cached round's
+hits), or with --json one JSON list. Data loading runs in the training process here (NUM_WORKERS 0), so on the
+demo this time adds to every training step. Never asserted by tests.
 """
 import argparse
 import os
