@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_RECIPE ?= configs/demo/self-training.yaml
 DEMO_OUTPUT ?= output/demo/self-training
+# The demo configs say MODEL.DEVICE cpu; empty: cuda where torch sees a GPU, else the configs' cpu.
+DEMO_DEVICE ?=
 
 .PHONY: setup demo test clean-demo-cache
 
@@ -10,7 +12,12 @@ setup:
 	@bash tools/setup_env.sh
 
 demo: setup
-	$(PY) tools/run_recipe.py --config-file $(DEMO_RECIPE) --output $(DEMO_OUTPUT)
+	@dev="$(DEMO_DEVICE)"; \
+	if [ -z "$$dev" ]; then \
+	  if $(PY) -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then dev=cuda; \
+	  else echo "demo: no CUDA GPU found, running on the CPU"; fi; \
+	fi; \
+	set -x; $(PY) tools/run_recipe.py --config-file $(DEMO_RECIPE) --output $(DEMO_OUTPUT) $${dev:+MODEL.DEVICE $$dev}
 
 test: setup
 	$(PY) -m pytest -q tests

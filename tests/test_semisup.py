@@ -246,7 +246,8 @@ def test_two_process_cpu_ddp_trains(tmp_path, teacher_weights):
     out = tmp_path / "ddp"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", CONFIG, "--num-gpus", "2",
            *TINY, "SOLVER.IMS_PER_BATCH", "2", "SEMISUP.UNLABELED_IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3",
-           "SEMISUP.BURN_IN_ITERS", "1", "SEMISUP.TEACHER.WEIGHTS", teacher_weights, "OUTPUT_DIR", str(out)]
+           "SEMISUP.BURN_IN_ITERS", "1", "SEMISUP.TEACHER.WEIGHTS", teacher_weights, "MODEL.DEVICE", "cpu",
+           "OUTPUT_DIR", str(out)]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

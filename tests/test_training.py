@@ -104,7 +104,7 @@ def test_two_process_cpu_ddp_trains(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", DEMO_CONFIG,
            "--num-gpus", "2", *FAST_TRAIN_OPTS, "SOLVER.IMS_PER_BATCH", "4", "DATASETS.TEST", "()",
-           "OUTPUT_DIR", str(out)]
+           "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out)]  # CPU processes need MODEL.DEVICE cpu explicitly
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -14,6 +14,7 @@ import os
 import sys
 
 from selftrain_d2.engine import default_argument_parser, launch_from_args, setup
+from selftrain_d2.engine.launch import LaunchError
 from selftrain_d2.pseudo_labels import generate_pseudo_labels
 
 
@@ -36,4 +37,7 @@ if __name__ == "__main__":
     print("Command Line Args:", args)
     if not args.config_file:
         sys.exit("--config-file (the teacher's config) is required")
-    launch_from_args(main, args)
+    try:
+        launch_from_args(main, args)
+    except LaunchError as e:
+        sys.exit(f"generate_pseudo_labels.py: error: {e}")

@@ -2,15 +2,21 @@
 """Train or evaluate any selftrain-d2 / Detectron2 model from a YAML config.
 
     python tools/train_net.py --config-file configs/demo/deeplabv3plus-effnetlite0.yaml
-    python tools/train_net.py --config-file CFG --num-gpus 2            # 2 GPUs, or 2 CPU processes
+    python tools/train_net.py --config-file CFG --num-gpus 2            # 2 GPUs
+    python tools/train_net.py --config-file CFG --num-gpus 2 MODEL.DEVICE cpu   # 2 CPU processes (gloo)
+    python tools/train_net.py --config-file CFG --num-gpus 8 --num-machines 2 --machine-rank R \
+        --dist-url tcp://HOST_OF_RANK_0:PORT                            # on each of 2 machines, R = 0 and 1
     python tools/train_net.py --config-file CFG --resume                  # continue from last_checkpoint
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
 
 The trainer class is ``SELFTRAIN.TRAINER`` (e.g. ``SemiSupervisedTrainer`` for guided distillation).
 """
+import sys
+
 from detectron2.checkpoint import DetectionCheckpointer
 
 from selftrain_d2.engine import build_trainer_class, default_argument_parser, launch_from_args, setup, write_results
+from selftrain_d2.engine.launch import LaunchError
 
 
 def main(args):
@@ -34,4 +40,7 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch_from_args(main, args)
+    try:
+        launch_from_args(main, args)
+    except LaunchError as e:
+        sys.exit(f"train_net.py: error: {e}")

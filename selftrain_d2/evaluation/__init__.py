@@ -1,3 +1,10 @@
 from .build import EVALUATOR_BUILDERS, build_evaluator, register_evaluator
+from .cityscapes import MultiMachineCityscapesInstanceEvaluator, MultiMachineCityscapesSemSegEvaluator
 
-__all__ = ["EVALUATOR_BUILDERS", "build_evaluator", "register_evaluator"]
+__all__ = [
+    "EVALUATOR_BUILDERS",
+    "build_evaluator",
+    "register_evaluator",
+    "MultiMachineCityscapesInstanceEvaluator",
+    "MultiMachineCityscapesSemSegEvaluator",
+]

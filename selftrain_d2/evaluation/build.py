@@ -6,13 +6,9 @@ registered here, so a new dataset family adds a builder instead of a branch.
 import os
 
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import (
-    CityscapesInstanceEvaluator,
-    CityscapesSemSegEvaluator,
-    COCOEvaluator,
-    DatasetEvaluators,
-    SemSegEvaluator,
-)
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
+
+from .cityscapes import MultiMachineCityscapesInstanceEvaluator, MultiMachineCityscapesSemSegEvaluator
 
 __all__ = ["EVALUATOR_BUILDERS", "register_evaluator", "build_evaluator"]
 
@@ -44,12 +40,12 @@ def _coco(cfg, dataset_name, output_folder):
 
 @register_evaluator("cityscapes_instance")
 def _cityscapes_instance(cfg, dataset_name, output_folder):
-    return CityscapesInstanceEvaluator(dataset_name)
+    return MultiMachineCityscapesInstanceEvaluator(dataset_name)
 
 
 @register_evaluator("cityscapes_sem_seg")
 def _cityscapes_sem_seg(cfg, dataset_name, output_folder):
-    return CityscapesSemSegEvaluator(dataset_name)
+    return MultiMachineCityscapesSemSegEvaluator(dataset_name)
 
 
 def build_evaluator(cfg, dataset_name, output_folder=None):

@@ -5,6 +5,14 @@ the stages it uses. A stage that was started with the same hash and killed is re
 last checkpoint, labelling from its progress records); one started with another hash (the config or an
 upstream stage changed) is moved aside to ``<stage>.stale-<hash>`` and run afresh, so nothing is lost.
 ``summary.json`` maps every stage that evaluated a model to its Detectron2 evaluator results.
+
+Across machines, every machine runs the recipe with its own ``machine_rank`` on one output folder that all
+of them see (a shared filesystem: checkpoints, pseudo labels and indexes are written by rank 0 and read by
+all). Machine rank 0 does everything above. The others keep no records: they run the ``DISTRIBUTED`` stages
+(training, labelling, evaluation) together with rank 0, always with ``resume`` (a checkpoint is in the folder
+exactly when rank 0 resumes), and after each stage wait for rank 0 to record it done, so the stages that
+run on rank 0 only (centroid index, user stages) and the last writes of a training are finished before the
+next stage starts. ``summary.json`` and the report are written by rank 0.
 """
 import contextlib
 import fcntl
@@ -24,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 DONE_FILE = "stage.json"
 STARTED_FILE = "stage.started.json"
+WAIT_TIMEOUT_S = 2 * 3600  # how long machine ranks > 0 wait for rank 0 to finish a stage
 
 
 def stage_hash(stage_type, fingerprint, dependency_hashes):
@@ -74,23 +83,44 @@ def output_lock(output_dir):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def run_recipe(recipe, output_dir, opts=(), num_gpus=1, python=None, report=True):
-    """Run (or resume) every stage; returns the summary dict also written to ``OUTPUT/summary.json``."""
+def run_recipe(recipe, output_dir, opts=(), num_gpus=1, python=None, report=True, num_machines=1, machine_rank=0,
+               dist_url="auto", wait_timeout=WAIT_TIMEOUT_S):
+    """Run (or resume) every stage; returns the summary dict also written to ``OUTPUT/summary.json``.
+
+    ``num_gpus``, ``num_machines``, ``machine_rank`` and ``dist_url`` go to every training and labelling
+    command; with ``num_machines > 1`` every machine calls this with its rank (see the module docstring)."""
+    from ..engine.launch import LaunchError, check_dist_options
+
+    try:
+        check_dist_options(num_machines, machine_rank, dist_url)
+    except LaunchError as e:
+        raise RecipeError(str(e)) from None
     os.makedirs(output_dir, exist_ok=True)
+    ctx = RecipeContext(recipe, output_dir, opts=opts, num_gpus=num_gpus, python=python, num_machines=num_machines,
+                        machine_rank=machine_rank, dist_url=dist_url)
+    if machine_rank > 0:
+        return _follow_stages(recipe, ctx, wait_timeout)
     with output_lock(output_dir):
-        return _run_stages(recipe, output_dir, opts, num_gpus, python, report)
+        return _run_stages(recipe, ctx, report)
 
 
-def _run_stages(recipe, output_dir, opts, num_gpus, python, report):
-    ctx = RecipeContext(recipe, output_dir, opts=opts, num_gpus=num_gpus, python=python)
+def _stages(recipe, ctx):
+    """``(spec, stage, hash, folder)`` of each stage in order; a hash covers the hashes of the stages used."""
     hashes = {}
-    timings = {}
     for spec in recipe.stages:
         stage = STAGE_REGISTRY.get(spec.type)(spec, ctx)
         deps = {name: hashes[name] for name in stage.dependencies()}
-        h = stage_hash(spec.type, stage.fingerprint(), deps)
-        hashes[spec.name] = h
-        stage_dir = ctx.stage_dir(spec.name)
+        hashes[spec.name] = stage_hash(spec.type, stage.fingerprint(), deps)
+        yield spec, stage, hashes[spec.name], ctx.stage_dir(spec.name)
+
+
+def _summary(ctx):
+    return {name: result["metrics"] for name, result in ctx.results.items() if result.get("metrics")}
+
+
+def _run_stages(recipe, ctx, report):
+    timings = {}
+    for spec, stage, h, stage_dir in _stages(recipe, ctx):
         done = _read(os.path.join(stage_dir, DONE_FILE))
         if done is not None and done.get("hash") == h:
             logger.info("Stage %s: done (hash %s), skipped", spec.name, h)
@@ -113,10 +143,41 @@ def _run_stages(recipe, output_dir, opts, num_gpus, python, report):
             os.path.join(stage_dir, DONE_FILE), {"hash": h, "type": spec.type, "seconds": round(seconds, 1)}, indent=2
         )
 
-    summary = {name: result["metrics"] for name, result in ctx.results.items() if result.get("metrics")}
+    summary = _summary(ctx)
     atomic_write_json(os.path.join(ctx.output_dir, "summary.json"), summary, indent=2, sort_keys=True)
     if report:
         from .report import write_report
 
         write_report(ctx, summary, timings)
     return summary
+
+
+def _follow_stages(recipe, ctx, wait_timeout):
+    """Machine rank > 0: the distributed stages together with rank 0, and rank 0's record of every stage."""
+    logger.info("Machine rank %d of %d: machine rank 0 keeps the stage records in %s", ctx.machine_rank,
+                ctx.num_machines, ctx.output_dir)
+    for spec, stage, h, stage_dir in _stages(recipe, ctx):
+        if _done_hash(stage_dir) != h:
+            if stage.DISTRIBUTED:
+                logger.info("Stage %s (%s): running with machine rank 0", spec.name, spec.type)
+                stage.run(stage_dir, True)
+            _wait_until_done(spec.name, stage_dir, h, wait_timeout)
+        ctx.results[spec.name] = stage.collect(stage_dir)
+    return _summary(ctx)
+
+
+def _done_hash(stage_dir):
+    return (_read(os.path.join(stage_dir, DONE_FILE)) or {}).get("hash")
+
+
+def _wait_until_done(name, stage_dir, h, timeout, poll=1.0):
+    deadline = time.monotonic() + timeout
+    if _done_hash(stage_dir) != h:
+        logger.info("Stage %s: waiting for machine rank 0 to record it done", name)
+    while _done_hash(stage_dir) != h:
+        if time.monotonic() > deadline:
+            raise RecipeError(
+                f"stage {name!r}: machine rank 0 did not record it done in {os.path.join(stage_dir, DONE_FILE)} "
+                f"within {timeout:.0f} s. A recipe across machines needs its output folder on a filesystem that "
+                "every machine shares; otherwise see machine rank 0's log for a failure")
+        time.sleep(poll)

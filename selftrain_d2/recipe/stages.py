@@ -4,7 +4,9 @@ A stage type knows which options it takes, what its result depends on (``fingerp
 fingerprints of the stages it uses, so a change anywhere upstream reruns it), how to run into its own
 folder (resuming when asked), and what it leaves there (``collect``: weights, config, metrics, datasets).
 Training and labelling run as subprocesses of the project's own tools, so every stage's log, checkpoints
-and ``--num-gpus`` launch are exactly those of the command a user would type.
+and launch (``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``) are exactly those of the
+command a user would type. Such stages are ``DISTRIBUTED``: in a recipe across machines, every machine runs
+them together; the others run on machine rank 0 only (see ``runner``).
 """
 import json
 import logging
@@ -35,13 +37,22 @@ def tool_path(name):
 class RecipeContext:
     """What stages share: the recipe, the output root, overrides for every config, and earlier results."""
 
-    def __init__(self, recipe, output_dir, opts=(), num_gpus=1, python=None):
+    def __init__(self, recipe, output_dir, opts=(), num_gpus=1, python=None, num_machines=1, machine_rank=0,
+                 dist_url="auto"):
         self.recipe = recipe
         self.output_dir = os.path.abspath(output_dir)
         self.opts = list(opts)
         self.num_gpus = num_gpus
+        self.num_machines = num_machines
+        self.machine_rank = machine_rank
+        self.dist_url = dist_url
         self.python = python or sys.executable
         self.results = {}  # stage name -> collect() dict of a finished stage
+
+    def launch_args(self):
+        """The launch options of every training and labelling command."""
+        return ["--num-gpus", self.num_gpus, "--num-machines", self.num_machines, "--machine-rank", self.machine_rank,
+                "--dist-url", self.dist_url]
 
     def stage_dir(self, name):
         return os.path.join(self.output_dir, name)
@@ -91,6 +102,7 @@ class Stage:
 
     REQUIRED = ()
     OPTIONAL = ()
+    DISTRIBUTED = False  # True: run() launches a command that every machine of the recipe runs together
 
     def __init__(self, spec, ctx):
         self.spec = spec
@@ -160,6 +172,7 @@ class TrainStage(Stage):
 
     REQUIRED = ("config",)
     OPTIONAL = ("opts", "init", "pseudo_labels", "centroids", "class_transfer_from", "teacher")
+    DISTRIBUTED = True
 
     def _derived_opts(self):
         ctx, o = self.ctx, self.options
@@ -185,8 +198,8 @@ class TrainStage(Stage):
         return {"config": config_delta(config, self.opts + self.ctx.opts)}
 
     def run(self, out_dir, resume):
-        cmd = [self.ctx.python, tool_path("train_net.py"), "--config-file", self.ctx.config_path(self.options["config"]),
-               "--num-gpus", self.ctx.num_gpus]
+        config = self.ctx.config_path(self.options["config"])
+        cmd = [self.ctx.python, tool_path("train_net.py"), "--config-file", config, *self.ctx.launch_args()]
         if resume:
             cmd.append("--resume")
         cmd += ["OUTPUT_DIR", out_dir] + self._derived_opts() + self.opts + self.ctx.opts
@@ -226,6 +239,7 @@ class EvaluateStage(Stage):
 
     REQUIRED = ("model", "datasets")
     OPTIONAL = ("opts",)
+    DISTRIBUTED = True
 
     def fingerprint(self):
         return {"datasets": _as_list(self.options["datasets"]), "opts": self.opts + self.ctx.opts}
@@ -233,7 +247,7 @@ class EvaluateStage(Stage):
     def run(self, out_dir, resume):
         ctx, model = self.ctx, self.options["model"]
         cmd = [ctx.python, tool_path("train_net.py"), "--eval-only", "--config-file", ctx.result(model, "config"),
-               "--num-gpus", ctx.num_gpus, "OUTPUT_DIR", out_dir, "MODEL.WEIGHTS", ctx.result(model, "weights"),
+               *ctx.launch_args(), "OUTPUT_DIR", out_dir, "MODEL.WEIGHTS", ctx.result(model, "weights"),
                "DATASETS.TEST", repr(tuple(_as_list(self.options["datasets"])))] + self.opts + ctx.opts
         _run(cmd, f"stage {self.spec.name!r} (evaluate)")
 
@@ -248,6 +262,7 @@ class PseudoLabelStage(Stage):
 
     REQUIRED = ("model", "input")
     OPTIONAL = ("opts",)
+    DISTRIBUTED = True
 
     def _input(self):
         value = str(self.options["input"])
@@ -259,7 +274,7 @@ class PseudoLabelStage(Stage):
     def run(self, out_dir, resume):
         ctx, model = self.ctx, self.options["model"]
         cmd = [ctx.python, tool_path("generate_pseudo_labels.py"), "--config-file", ctx.result(model, "config"),
-               "--input", self._input(), "--output", out_dir, "--num-gpus", ctx.num_gpus,
+               "--input", self._input(), "--output", out_dir, *ctx.launch_args(),
                "MODEL.WEIGHTS", ctx.result(model, "weights")] + self.opts + ctx.opts
         _run(cmd, f"stage {self.spec.name!r} (pseudo labels)")
 
