@@ -1,9 +1,24 @@
 #!/usr/bin/env bash
 # Creates .venv with Python 3.10 and installs the pinned environment plus this project (editable).
-# Idempotent: does nothing when the requirement files and setup.py are unchanged since the last run.
+# Idempotent: does nothing when the requirement files, setup.py and the torch override are unchanged since
+# the last run.
+#
+# Another torch build (older drivers, V100; README "Set-up"):
+#   TORCH_SPEC="torch==A torchvision==B"  a matching pair instead of the pins of requirements/base.txt
+#   TORCH_INDEX_URL=URL                   the index torch is installed from, e.g. https://download.pytorch.org/whl/cu126
+# pip's own PIP_INDEX_URL / PIP_EXTRA_INDEX_URL apply to every install. With any of these four set, the pins of
+# torch, torchvision, triton and the nvidia-* / cuda-* runtime packages (torch's own exact requirements) are
+# left out of constraints.txt. SETUP_DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-}
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
+DRY_RUN=${SETUP_DRY_RUN:-}
+
+run() {
+  if [ -n "$DRY_RUN" ]; then echo "+ $*"; else "$@"; fi
+}
 
 find_python() {
   local cand
@@ -23,8 +38,22 @@ find_python() {
   return 1
 }
 
+override=""
+if [ -n "$TORCH_SPEC$TORCH_INDEX_URL${PIP_INDEX_URL:-}${PIP_EXTRA_INDEX_URL:-}" ]; then
+  override="TORCH_SPEC=$TORCH_SPEC TORCH_INDEX_URL=$TORCH_INDEX_URL PIP_INDEX_URL=${PIP_INDEX_URL:-}"
+  override="$override PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL:-}"
+fi
+names=$(for req in $TORCH_SPEC; do echo "${req%%[=<>!~;\[]*}"; done | sort -u | tr '\n' ' ')
+if [ -n "$TORCH_SPEC" ] && [ "$names" != "torch torchvision " ]; then
+  echo "setup: TORCH_SPEC='$TORCH_SPEC' must name torch and torchvision (only), a pair built for each other" >&2
+  echo "       (e.g. TORCH_SPEC='torch==2.7.1 torchvision==0.22.1'): a torchvision left to pip would pull in" >&2
+  echo "       the newest torch again" >&2
+  exit 1
+fi
+
 stamp_inputs="requirements/base.txt requirements/detectron2.txt requirements/constraints.txt setup.py"
-want=$(cat $stamp_inputs | sha256sum | cut -d' ' -f1)
+# The override is part of the stamp (the default stamp is that of the files alone): a change reinstalls.
+want=$( { cat $stamp_inputs; if [ -n "$override" ]; then echo "$override"; fi; } | sha256sum | cut -d' ' -f1)
 if [ -f "$VENV/.setup-stamp" ] && [ "$(cat "$VENV/.setup-stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
   echo "setup: $VENV is up to date"
   exit 0
@@ -48,9 +77,24 @@ else
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv $venv_flags "$VENV"
+  run "$PY" -m venv $venv_flags "$VENV"
 fi
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $reqs -c requirements/constraints.txt
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
-"$VENV/bin/python" -c 'import detectron2, torch; print("setup: torch", torch.__version__, "| detectron2", detectron2.__version__)'
-echo "$want" > "$VENV/.setup-stamp"
+pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+if [ -z "$override" ]; then
+  run "${pip[@]}" $reqs -c requirements/constraints.txt
+else
+  # torch first, on its own (from TORCH_INDEX_URL when given); then the rest without torch's pins.
+  pins=$(grep -E '^(torch|torchvision)==' requirements/base.txt | awk '{print $1}' | tr '\n' ' ')
+  tmp=$(mktemp -d)
+  if [ -z "$DRY_RUN" ]; then trap 'rm -rf "$tmp"' EXIT; fi
+  grep -Ev '^(torch|torchvision)[=<>!~ ]' requirements/base.txt > "$tmp/base.txt"
+  grep -Eiv '^(torch|torchvision|triton|nvidia-[a-z0-9_.-]+|cuda-[a-z0-9_.-]+)[=<>!~ ]' requirements/constraints.txt \
+    > "$tmp/constraints.txt"
+  echo "setup: torch override ($override): $tmp/constraints.txt holds the other pins"
+  run "${pip[@]}" ${TORCH_SPEC:-$pins} ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+  run "${pip[@]}" ${reqs//requirements\/base.txt/$tmp/base.txt} -c "$tmp/constraints.txt"
+fi
+run "${pip[@]}" --no-deps --no-build-isolation -e .
+run "$VENV/bin/python" -c 'import detectron2, torch
+print("setup: torch", torch.__version__, "CUDA", torch.version.cuda, "| detectron2", detectron2.__version__)'
+if [ -z "$DRY_RUN" ]; then echo "$want" > "$VENV/.setup-stamp"; fi
