@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 
@@ -37,6 +39,29 @@ def _load():
     return module
 
 
+def run_together(commands, timeout):
+    """Start every command at once (as processes on several machines); their exit codes and outputs once all
+    have ended, or been killed at ``timeout`` seconds."""
+    logs = [tempfile.TemporaryFile("w+") for _ in commands]  # a pipe nobody reads until the end could fill up
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT) for cmd, log in zip(commands, logs)]
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    return [p.returncode for p in procs], outputs, [p.pid for p in procs]
+
+
 def _fake_metric(config, overrides):
     o = dict(zip(overrides[::2], overrides[1::2]))
     bonus = 5.0 if config == "kd.yaml" else 0.0
@@ -49,7 +74,7 @@ import json, os, signal, sys
 spec = __import__("importlib.util").util.spec_from_file_location("s", sys.argv[1])
 sweep = __import__("importlib.util").util.module_from_spec(spec); spec.loader.exec_module(sweep)
 calls = []
-def fake(config, overrides, output_dir, num_gpus=1):
+def fake(config, overrides, output_dir, num_gpus=1, **dist):
     calls.append(1)
     with open(os.path.join(sys.argv[3], "calls.txt"), "a") as f:
         f.write(json.dumps([config, [str(x) for x in overrides]]) + "\\n")
@@ -76,7 +101,7 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tmp_path):
     sweep = _load()
     calls = []
 
-    def fake(config, overrides, output_dir, num_gpus=1):
+    def fake(config, overrides, output_dir, num_gpus=1, **dist):
         calls.append([config, [str(x) for x in overrides]])
         return {"sem_seg": {"mIoU": _fake_metric(config, overrides)}}
 
@@ -114,7 +139,7 @@ def _recording_sweep(tmp_path, text, fails=lambda config, overrides: False):
     sweep = _load()
     calls = []
 
-    def fake(config, overrides, output_dir, num_gpus=1):
+    def fake(config, overrides, output_dir, num_gpus=1, **dist):
         calls.append(dict(zip(overrides[::2], overrides[1::2])))
         if fails(config, overrides):
             raise sweep.TrialFailed("boom")
@@ -176,7 +201,7 @@ def test_final_seeds_train_each_stage_best_again_and_report_mean_and_spread(tmp_
     sweep = _load()
     calls = []
 
-    def fake(config, overrides, output_dir, num_gpus=1):
+    def fake(config, overrides, output_dir, num_gpus=1, **dist):
         o = dict(zip(overrides[::2], overrides[1::2]))
         calls.append((config, o, output_dir))
         metrics = {"sem_seg": {"mIoU": _fake_metric(config, overrides) + float(o["SEED"])}}
@@ -212,7 +237,8 @@ def test_final_seeds_train_each_stage_best_again_and_report_mean_and_spread(tmp_
     (out / "results.md").unlink()
     sweep.main(args + ["--report-only"])
     assert calls == []  # the report reads the finished final runs, trains nothing
-    assert "| kd-tau | kd | DISTILL.PIXEL_KD.TAU=4.0, SOLVER.BASE_LR=0.02 | 62.50 +- 0.71 |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| kd-tau | kd | DISTILL.PIXEL_KD.TAU=4.0, SOLVER.BASE_LR=0.02 | 62.50 +- 0.71 |" in md
 
 
 def test_a_grid_extended_after_a_run_trains_only_the_new_points(tmp_path):
@@ -227,3 +253,145 @@ def test_a_grid_extended_after_a_run_trains_only_the_new_points(tmp_path):
     assert calls == [{"SOLVER.MAX_ITER": 5, "SOLVER.BASE_LR": 0.04}]
     assert result["best"]["student"]["params"] == {"SOLVER.BASE_LR": 0.04}
     assert result["best"]["student"]["metric"] == pytest.approx(55.0)
+
+
+def test_run_trial_forwards_the_machines_of_a_trial(tmp_path, monkeypatch):
+    sweep = _load()
+    seen = []
+
+    def fake_run(cmd, cwd, stdout, stderr):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0 if len(seen) < 3 else 1)
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    with pytest.raises(sweep.TrialFailed, match="exit code 0"):  # rank 0 must leave final_metrics.json
+        sweep.run_trial("cfg.yaml", [], str(tmp_path / "a"))
+    assert seen[0][2:12] == ["--config-file", "cfg.yaml", "--num-gpus", "1", "--num-machines", "1",
+                             "--machine-rank", "0", "--dist-url", "auto"]
+    # Another machine's part of a training: rank 0's resume decision, and rank 0 writes the metrics.
+    assert sweep.run_trial("cfg.yaml", ["SEED", 7], str(tmp_path / "b"), 2, resume=True, num_machines=2,
+                           machine_rank=1, dist_url="tcp://10.0.0.1:2345") is None
+    assert seen[1][2:13] == ["--config-file", "cfg.yaml", "--num-gpus", "2", "--num-machines", "2",
+                             "--machine-rank", "1", "--dist-url", "tcp://10.0.0.1:2345", "--resume"]
+    with pytest.raises(sweep.TrialFailed, match="exit code 1"):
+        sweep.run_trial("cfg.yaml", [], str(tmp_path / "c"), num_machines=2, machine_rank=1, dist_url="tcp://h:1")
+
+
+def test_several_machines_need_a_dist_url_they_can_all_reach(tmp_path, capsys):
+    sweep, calls, args = _recording_sweep(tmp_path, SWEEP_YAML)
+    with pytest.raises(SystemExit):
+        sweep.main(args + ["--num-machines", "2", "--machine-rank", "1"])
+    assert "--num-machines 2 needs --dist-url tcp://HOST:PORT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main(args + ["--num-machines", "2", "--machine-rank", "2", "--dist-url", "tcp://h:1"])
+    assert "--machine-rank must be in [0, 1]" in capsys.readouterr().err
+    assert calls == [] and not (tmp_path / "out" / "study.db").exists()
+
+
+# One machine of a two-machine sweep: a fake training that, like torch.distributed's rendezvous, does not end
+# before the other machine's part of the same training has started.
+_MACHINE = """
+import hashlib, json, os, sys, time
+spec = __import__("importlib.util").util.spec_from_file_location("s", sys.argv[1])
+sweep = __import__("importlib.util").util.module_from_spec(spec); spec.loader.exec_module(sweep)
+sweep.POLL_SECONDS = 0.1
+calls, rendezvous, output = sys.argv[2], sys.argv[3], sys.argv[7]
+def fake(config, overrides, output_dir, num_gpus=1, resume=None, num_machines=1, machine_rank=0, dist_url="auto"):
+    folder, overrides = os.path.relpath(output_dir, output), [str(x) for x in overrides]
+    with open(calls, "a") as f:
+        f.write(json.dumps([machine_rank, config, overrides, folder, resume, num_gpus, num_machines, dist_url]) + "\\n")
+    tag = os.path.join(rendezvous, hashlib.sha1((folder + str(overrides)).encode()).hexdigest())
+    open(f"{tag}.{machine_rank}", "x").close()
+    deadline = time.time() + 30
+    while not os.path.exists(f"{tag}.{1 - machine_rank}"):
+        if time.time() > deadline:
+            raise sweep.TrialFailed(f"machine {1 - machine_rank} never joined {folder}")
+        time.sleep(0.02)
+    o = dict(zip(overrides[::2], overrides[1::2]))
+    return {"sem_seg": {"mIoU": 50.0 + 100 * float(o["SOLVER.BASE_LR"])}} if machine_rank == 0 else None
+sweep.run_trial = fake
+sweep.main(sys.argv[4:])
+"""
+
+
+def test_every_machine_of_a_trial_trains_it(tmp_path):
+    two_stages = SWEEP_YAML.split("  - name: kd-tau")[0]
+    (tmp_path / "sweep.yaml").write_text(two_stages + "seeds: [7, 8]\nfinal_seeds: [1]\n")
+    (tmp_path / "rendezvous").mkdir()
+    calls = tmp_path / "calls.jsonl"
+    url = "tcp://127.0.0.1:29517"
+    machines = [[sys.executable, "-c", _MACHINE, SWEEP_PY, str(calls), str(tmp_path / "rendezvous"),
+                 "--config-file", str(tmp_path / "sweep.yaml"), "--output", str(tmp_path / f"machine{rank}"),
+                 "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--num-gpus", "2", "--num-machines", "2",
+                 "--machine-rank", str(rank), "--dist-url", url] for rank in (0, 1)]
+    codes, logs, _ = run_together(machines, timeout=120)
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    trained = [json.loads(line) for line in calls.read_text().splitlines()]
+    by_rank = [sorted(json.dumps(c[1:]) for c in trained if c[0] == rank) for rank in (0, 1)]
+    # 2 stages x 2 points x 2 seeds, then 2 stages' best at 1 seed: each run by both machines, once, the same.
+    assert len(by_rank[0]) == 10 and len(set(by_rank[0])) == 10
+    assert by_rank[1] == by_rank[0]
+    assert all(c[5:] == [2, 2, url] and c[3].startswith("trials" + os.sep) for c in trained)
+    with open(tmp_path / "machine0" / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    with open(tmp_path / "machine0" / "final.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+
+# One of two sweep processes sharing a study: both start together; the one given "die" kills itself (as a
+# crashed machine would) in the middle of its first trial, once the other has trained nothing new for 2 s
+# (it is waiting for the dying one's trial).
+_SHARING = """
+import json, os, signal, sys, time
+spec = __import__("importlib.util").util.spec_from_file_location("s", sys.argv[1])
+sweep = __import__("importlib.util").util.module_from_spec(spec); spec.loader.exec_module(sweep)
+sweep.POLL_SECONDS = 0.1
+calls, ready, die = sys.argv[2], sys.argv[3], sys.argv[4] == "die"
+def fake(config, overrides, output_dir, num_gpus=1, **dist):
+    with open(calls, "a") as f:
+        f.write(json.dumps([os.getpid(), config, [str(x) for x in overrides]]) + "\\n")
+    if die:
+        count, since = -1, time.time()
+        while time.time() - since < 2:
+            with open(calls) as f:
+                lines = len(f.readlines())
+            if lines != count:
+                count, since = lines, time.time()
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.2)
+    o = dict(zip(overrides[::2], overrides[1::2]))
+    return {"sem_seg": {"mIoU": 50.0 + 100 * float(o["SOLVER.BASE_LR"])}}
+sweep.run_trial = fake
+open(os.path.join(ready, str(os.getpid())), "w").close()
+while len(os.listdir(ready)) < 2:
+    time.sleep(0.01)
+sweep.main(sys.argv[5:])
+"""
+
+
+def test_a_process_that_dies_leaves_its_point_to_the_one_still_running(tmp_path):
+    (tmp_path / "sweep.yaml").write_text(SWEEP_YAML)
+    (tmp_path / "ready").mkdir()
+    calls = tmp_path / "calls.jsonl"
+    codes, logs, pids = run_together(
+        [[sys.executable, "-c", _SHARING, SWEEP_PY, str(calls), str(tmp_path / "ready"), role, "--config-file",
+          str(tmp_path / "sweep.yaml"), "--output", str(tmp_path / role), "--storage",
+          f"sqlite:///{tmp_path / 'study.db'}"] for role in ("die", "live")], timeout=90)
+    assert codes == [-9, 0], "\n".join(log[-3000:] for log in logs)
+    trained = [json.loads(line) for line in calls.read_text().splitlines()]
+    died = [c[1:] for c in trained if c[0] == pids[0]]
+    assert len(died) == 1
+    # The survivor did not stop at its last point: it waited for the dead one's trial, failed it and trained it.
+    assert died[0] in [c[1:] for c in trained if c[0] == pids[1]]
+    assert len(trained) == 7
+    with open(tmp_path / "live" / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+
+
+def test_a_postgresql_storage_without_its_driver_says_what_to_install(tmp_path, monkeypatch):
+    sweep = _load()
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # import psycopg2 fails
+    with pytest.raises(sweep.SweepError, match=r"--storage postgresql://sweep:\*\*\*@db/s: no PostgreSQL driver.*"
+                                               r"psycopg2-binary"):
+        sweep.StudyLocks("postgresql://sweep:secret@db/s", str(tmp_path))

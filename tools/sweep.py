@@ -8,11 +8,18 @@ teacher; then tau and the KD loss weights at the best KD learning rate / weight 
     python tools/sweep.py --config-file SWEEP_YAML --output DIR --storage postgresql://user@host/db  # shared
 
 Trials live in an Optuna study per stage, in SQLite at ``DIR/study.db`` by default or in any SQLAlchemy URL
-(``--storage`` or ``storage:``), so a killed sweep resumes where it stopped, and several machines can work on
-one sweep. Grid points are enqueued by their parameters and skipped when a trial with the same parameters is
-complete, waiting or running; a trial left "running" by a killed process (on this host: its process is gone;
-elsewhere: its Optuna heartbeat stopped) is marked failed and its point is run again, resuming its training
-from the trial folder's last checkpoint. Finished trials are never redone.
+(``--storage`` or ``storage:``), so a killed sweep resumes where it stopped. Several processes, on one machine or
+on many, can run the same command on one study (from several machines: ``--storage postgresql://...``): each
+claims the next point under a lock they all share (a PostgreSQL advisory lock; for SQLite a lock file beside the
+database), so no point is trained twice, and each returns once the whole sweep is done, with complete reports.
+Grid points are enqueued by their parameters and skipped when a trial with the same parameters is complete,
+waiting or running; a trial left "running" by a killed process (on this host: its process is gone; elsewhere:
+its Optuna heartbeat stopped) is marked failed and its point is run again, resuming its training from the trial
+folder's last checkpoint. Finished trials are never redone.
+
+A trial can span machines: every machine runs the same command with ``--num-machines N --dist-url
+tcp://HOST:PORT`` (HOST: machine rank 0's address) and its own ``--machine-rank``. Rank 0 runs the sweep and
+records each training it starts in its trial; the other ranks watch the study and start their part of each one.
 
 Outputs: ``DIR/results.csv`` (one row per finished trial: stage, parameters, metric), ``DIR/results.md``
 (tables and the best student-only and best KD settings side by side), ``DIR/results.png``. With
@@ -51,6 +58,7 @@ Sweep file (YAML)::
         space: {SOLVER.BASE_LR: {low: 0.001, high: 0.05, log: true}, DISTILL.PIXEL_KD.TAU: [1.0, 2.0, 4.0]}
 """
 import argparse
+import contextlib
 import csv
 import datetime
 import hashlib
@@ -61,6 +69,8 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
+import time
 import warnings
 
 import yaml
@@ -68,6 +78,8 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
 HOST = socket.gethostname()
+FINAL_STUDY = "final-seeds"  # the study of the final-seed runs is <name>/final-seeds
+POLL_SECONDS = 10.0  # how often a process with nothing to start looks at the study again
 
 
 def _io():
@@ -127,6 +139,8 @@ def load_sweep(path):
             raise SweepError(f"{label}: unknown keys {sorted(unknown)}")
         if not stage.get("name") or "/" in stage["name"] or stage["name"] in names:
             raise SweepError(f"{label}: every stage needs a unique 'name' without '/'")
+        if stage["name"] == FINAL_STUDY:
+            raise SweepError(f"{label}: the name {FINAL_STUDY!r} is taken by the final-seed runs")
         names.add(stage["name"])
         if stage.get("config") not in configs:
             raise SweepError(f"{label}: config {stage.get('config')!r} is not one of configs {sorted(configs)}")
@@ -181,14 +195,19 @@ def _mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def run_trial(config_file, overrides, output_dir, num_gpus=1):
-    """Train and evaluate one configuration with ``tools/train_net.py`` in a subprocess (resuming from
-    ``output_dir``'s last checkpoint when there is one); returns the parsed ``final_metrics.json``."""
+def run_trial(config_file, overrides, output_dir, num_gpus=1, resume=None, num_machines=1, machine_rank=0,
+              dist_url="auto"):
+    """Train and evaluate one configuration with ``tools/train_net.py`` in a subprocess; returns the parsed
+    ``final_metrics.json``. ``resume`` None: resume when ``output_dir`` has a last checkpoint. A machine of
+    rank > 0 runs its part of a multi-machine training, whose metrics rank 0 writes, and returns None."""
     final = os.path.join(output_dir, "final_metrics.json")
     if not os.path.isfile(final):
         os.makedirs(output_dir, exist_ok=True)
-        cmd = [sys.executable, TRAIN_NET, "--config-file", config_file, "--num-gpus", str(num_gpus)]
-        if os.path.isfile(os.path.join(output_dir, "last_checkpoint")):
+        if resume is None:
+            resume = os.path.isfile(os.path.join(output_dir, "last_checkpoint"))
+        cmd = [sys.executable, TRAIN_NET, "--config-file", config_file, "--num-gpus", str(num_gpus),
+               "--num-machines", str(num_machines), "--machine-rank", str(machine_rank), "--dist-url", dist_url]
+        if resume:
             cmd.append("--resume")
         cmd += ["OUTPUT_DIR", output_dir] + [str(x) for x in overrides]
         log_path = os.path.join(output_dir, "sweep_trial.log")
@@ -196,8 +215,10 @@ def run_trial(config_file, overrides, output_dir, num_gpus=1):
             log.write(" ".join(cmd) + "\n")
             log.flush()
             rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-        if rc != 0 or not os.path.isfile(final):
+        if rc != 0 or (machine_rank == 0 and not os.path.isfile(final)):
             raise TrialFailed(f"training failed (exit code {rc}); see {log_path}")
+    if machine_rank > 0:
+        return None
     with open(final) as f:
         return json.load(f)
 
@@ -212,6 +233,77 @@ def make_storage(url):
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
     # Trials of machines that die stop beating and are failed by the others after the grace period.
     return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=300)
+
+
+class StudyLocks:
+    """Mutual exclusion among all the processes that share a sweep's storage, around each read-then-write of
+    a study (creating the tables or a study, failing stale trials and claiming the next point): on PostgreSQL an
+    advisory lock, which the server drops with the holder's connection if its process dies; on SQLite a lock
+    file beside the database. A process holds one lock at a time: never take one inside another."""
+
+    def __init__(self, url, folder):
+        import sqlalchemy
+
+        parsed = sqlalchemy.engine.make_url(url)
+        backend = parsed.get_backend_name()
+        self._engine = self._file = None
+        if backend == "postgresql":
+            try:
+                self._engine = sqlalchemy.create_engine(url, isolation_level="AUTOCOMMIT",
+                                                        poolclass=sqlalchemy.pool.NullPool)
+            except ImportError as e:
+                raise SweepError(f"--storage {parsed.render_as_string()}: no PostgreSQL driver ({e}); `make setup` "
+                                 "installs psycopg2-binary") from e
+            return
+        if backend != "sqlite":
+            warnings.warn(f"--storage {parsed.render_as_string()}: processes on other machines are not kept from "
+                          f"training the same point on {backend}; share a sweep through PostgreSQL")
+        database = parsed.database if backend == "sqlite" and parsed.database not in (None, "", ":memory:") else None
+        self._file = f"{database}.lock" if database else os.path.join(folder, "study.lock")
+
+    @contextlib.contextmanager
+    def hold(self, name):
+        if self._engine is not None:
+            import sqlalchemy
+
+            key = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big", signed=True)
+            with self._engine.connect() as connection:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+                try:
+                    yield
+                finally:
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+        else:
+            import fcntl
+
+            with open(self._file, "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                yield  # closing the file releases the lock
+
+
+@contextlib.contextmanager
+def heartbeat(storage, trial_id):
+    """Optuna's heartbeat (what ``study.optimize`` keeps up) for a trial claimed with ``study.ask``: other
+    machines fail the trial when it stops."""
+    interval = storage.get_heartbeat_interval()
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def fail_stale_trials(study):
@@ -245,38 +337,64 @@ def _suggest(trial, name, spec):
 
 
 class Sweep:
-    def __init__(self, spec, output, storage=None, num_gpus=None, retry_failed=False, log=print):
+    def __init__(self, spec, output, storage=None, num_gpus=None, retry_failed=False, log=print, num_machines=1,
+                 machine_rank=0, dist_url="auto"):
+        if (num_machines, machine_rank) != (1, 0):
+            # train_net's own check, before any trial starts (it loads torch: a single machine goes without).
+            from selftrain_d2.engine.launch import LaunchError, check_dist_options
+
+            try:
+                check_dist_options(num_machines, machine_rank, dist_url)
+            except LaunchError as e:
+                raise SweepError(str(e)) from e
         self.spec, self.output, self.log = spec, os.path.abspath(output), log
         self.retry_failed = retry_failed
+        self.started = datetime.datetime.now()
         os.makedirs(self.output, exist_ok=True)
         self.storage_url = storage or spec.get("storage") or f"sqlite:///{os.path.join(self.output, 'study.db')}"
         self.num_gpus = num_gpus or spec["num_gpus"]
+        self.num_machines, self.machine_rank, self.dist_url = num_machines, machine_rank, dist_url
+        self.locks = StudyLocks(self.storage_url, self.output)
         self._storage = None
+        self._studies = {}
 
     @property
     def storage(self):
         if self._storage is None:
-            self._storage = make_storage(self.storage_url)
+            with self.locks.hold("storage"):  # two processes creating the tables at once collide
+                self._storage = make_storage(self.storage_url)
         return self._storage
 
+    def stage(self, name):
+        return next(s for s in self.spec["stages"] if s["name"] == name)
+
     def study(self, stage):
+        """The study of a stage (a stage dict), or of the final-seed runs (FINAL_STUDY)."""
         import optuna
 
-        if stage["sampler"] == "grid":
-            # Every grid trial is enqueued with its parameters (run_stage), so this sampler never draws.
-            # Optuna's GridSampler is not used: it counts failed trials as done and numbers grid points by
-            # trial number, so a point whose trial was killed would never be run again.
-            sampler = optuna.samplers.RandomSampler(seed=self.spec["seed"])
-        else:
-            sampler = optuna.samplers.TPESampler(seed=self.spec["seed"])
-        return optuna.create_study(study_name=f"{self.spec['name']}/{stage['name']}", storage=self.storage,
-                                   direction=self.spec["direction"], sampler=sampler, load_if_exists=True)
+        name = FINAL_STUDY if stage == FINAL_STUDY else stage["name"]
+        if name not in self._studies:
+            if name != FINAL_STUDY and stage["sampler"] == "tpe":
+                sampler = optuna.samplers.TPESampler(seed=self.spec["seed"])
+            else:
+                # Every grid trial is enqueued with its parameters (_work), so this sampler never draws.
+                # Optuna's GridSampler is not used: it counts failed trials as done and numbers grid points by
+                # trial number, so a point whose trial was killed would never be run again.
+                sampler = optuna.samplers.RandomSampler(seed=self.spec["seed"])
+            storage, study_name = self.storage, f"{self.spec['name']}/{name}"
+            with self.locks.hold("studies"):
+                try:
+                    study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+                except KeyError:
+                    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler,
+                                                direction=self.spec["direction"])
+            self._studies[name] = study
+        return self._studies[name]
 
     def best_params(self, stage_name):
         from optuna.trial import TrialState
 
-        stage = next(s for s in self.spec["stages"] if s["name"] == stage_name)
-        done = self.study(stage).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        done = self.study(self.stage(stage_name)).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not done:
             raise SweepError(f"stage {stage_name!r} has no finished trial to take the best parameters from")
         sign = 1 if self.spec["direction"] == "maximize" else -1
@@ -291,11 +409,9 @@ class Sweep:
         return fixed
 
     def objective(self, stage, fixed):
-        config = self.spec["configs"][stage["config"]]
         space = stage["grid"] if stage["sampler"] == "grid" else stage["space"]
 
         def objective(trial):
-            trial.set_user_attr("owner", f"{HOST}:{os.getpid()}")
             if stage["sampler"] == "grid":
                 # The enqueued point, not suggest_categorical: Optuna fixes a categorical's choices for the
                 # whole study, so a grid extended later (a new learning rate) could not be suggested from.
@@ -306,17 +422,11 @@ class Sweep:
             trial.set_user_attr("key", param_key(params))
             trial.set_user_attr("fixed", fixed)
             everything = dict(fixed, **params)
-            folder = self.trial_folder(stage["config"], everything)
-            trial.set_user_attr("output_dir", folder)
+            trial.set_user_attr("output_dir", self.trial_folder(stage["config"], everything))
             values = []
             for seed in self.spec["seeds"] or [None]:
                 self.log(f"[{stage['name']}] trial {trial.number}: {everything} seed {seed}")
-                try:
-                    values.append(self.train(stage["config"], everything, seed))
-                except TrialFailed as e:
-                    trial.set_user_attr("error", str(e))  # a real failure, not a kill: not retried by default
-                    self.log(f"[{stage['name']}] trial {trial.number} failed: {e}")
-                    raise
+                values.append(self.train(stage["config"], everything, seed, trial))
             trial.set_user_attr("values", values)
             value = sum(values) / len(values)
             self.log(f"[{stage['name']}] trial {trial.number}: {self.spec['metric']} = {value:.3f}")
@@ -333,70 +443,196 @@ class Sweep:
         folder = self.trial_folder(config_name, params)
         return folder if seed is None else os.path.join(folder, f"seed{seed}")
 
-    def train(self, config_name, params, seed=None):
-        """The metric of one training of ``config_name`` with ``params`` (and SEED ``seed``), in its own
-        folder (a finished one is read, not trained again)."""
+    def train(self, config_name, params, seed, trial):
+        """The metric of one training of ``config_name`` with ``params`` (and SEED ``seed``) for ``trial``, in
+        its own folder (a finished one is read, not trained again)."""
         out = self.run_folder(config_name, params, seed)
+        config_file = self.spec["configs"][config_name]
         overrides = list(self.spec["overrides"]) + [x for kv in params.items() for x in kv]
         overrides += [] if seed is None else ["SEED", seed]
-        metrics = run_trial(self.spec["configs"][config_name], overrides, out, self.num_gpus)
+        resume = os.path.isfile(os.path.join(out, "last_checkpoint"))
+        dist = {"num_machines": self.num_machines, "machine_rank": 0, "dist_url": self.dist_url}
+        shared = self.num_machines > 1 and not os.path.isfile(os.path.join(out, "final_metrics.json"))
+        if shared:
+            # What the other machines need to start their part of this training (join): the folder relative to
+            # --output, as each machine has its own (the same one where --output is on a shared disk).
+            run = {"key": f"{trial.number}:{seed}", "config_file": config_file, "resume": resume,
+                   "folder": os.path.relpath(out, self.output), "overrides": [str(x) for x in overrides],
+                   "num_gpus": self.num_gpus, **dist}
+            trial.set_user_attr("run", run)
+        try:
+            metrics = run_trial(config_file, overrides, out, self.num_gpus, resume=resume, **dist)
+        finally:
+            if shared:
+                trial.set_user_attr("run_done", run["key"])
         return _read_metric(metrics, self.spec["metric"])
 
-    def run_final(self, train=True):
-        """Each stage's best setting at every final seed; one row per stage. With ``train`` False only the
-        stages whose final runs have all finished are reported, and nothing is trained."""
-        rows = []
-        for stage in (s for s in self.spec["stages"] if s["final"]):
-            params = self.best_params(stage["name"])
-            finals = [os.path.join(self.run_folder(stage["config"], params, seed), "final_metrics.json")
-                      for seed in self.spec["final_seeds"]]
-            if not train and not all(os.path.isfile(f) for f in finals):
-                continue
-            values = []
-            for seed, final in zip(self.spec["final_seeds"], finals):
-                if train:
-                    self.log(f"[final {stage['name']}] {params} seed {seed}")
-                    values.append(self.train(stage["config"], params, seed))
-                else:
-                    with open(final) as f:
-                        values.append(_read_metric(json.load(f), self.spec["metric"]))
-            rows.append({"stage": stage["name"], "config": stage["config"], "params": params,
-                         "seeds": list(self.spec["final_seeds"]), "values": values})
-        return rows
-
-    def run_stage(self, stage):
+    # --------------------------------------------------------------------------------------------------
+    # Claiming trials
+    # --------------------------------------------------------------------------------------------------
+    def _left(self, study, want):
+        """What is left to do in ``study``, which must hold a trial for each key in ``want`` (a list) or
+        ``want`` trials (a number): (the keys or number of trials still to start, waiting, running trials)."""
         from optuna.trial import TrialState
 
-        study = self.study(stage)
-        objective = self.objective(stage, self.fixed_params(stage))
-        started = datetime.datetime.now()
+        trials = study.get_trials(deepcopy=False)
+        # Failed trials (not killed ones) count as done, unless retrying: then once per process.
+        counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+                   or (t.state == TrialState.FAIL and "error" in t.user_attrs
+                       and (not self.retry_failed or t.datetime_start >= self.started))]
+        waiting = [t for t in trials if t.state == TrialState.WAITING]
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        if isinstance(want, int):
+            return max(0, want - len(counted)), waiting, running
+        taken = {t.user_attrs.get("key") or param_key(t.system_attrs.get("fixed_params", t.params)) for t in counted}
+        return [k for k in want if k not in taken], waiting, running
+
+    def _work(self, study, want, objective, label, wait=False):
+        """Claim and run the trials of ``study`` one at a time until nothing of ``want`` (see _left) is left
+        to start; with ``wait``, also until the trials other processes run have finished, taking over the
+        points of those that die. Returns whether the study is complete."""
         while True:
-            fail_stale_trials(study)
-            trials = study.get_trials(deepcopy=False)
-            # Failed trials (not killed ones) count as done, unless retrying: then once per invocation.
-            counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
-                       or (t.state == TrialState.FAIL and "error" in t.user_attrs
-                           and (not self.retry_failed or t.datetime_start >= started))]
-            if stage["sampler"] == "grid":
-                taken = {t.user_attrs.get("key") or param_key(t.system_attrs.get("fixed_params", t.params))
-                         for t in counted}
-                todo = [p for p in grid_points(stage["grid"]) if param_key(p) not in taken]
-                waiting = [t for t in trials if t.state == TrialState.WAITING]
-                if not todo and not waiting:
-                    break
-                if not waiting:
-                    study.enqueue_trial(todo[0], user_attrs={"key": param_key(todo[0])})
-            else:
-                if len(counted) >= int(stage["n_trials"]):
-                    break
-            study.optimize(objective, n_trials=1, catch=(TrialFailed,))
+            trial = None
+            with self.locks.hold(study.study_name):
+                fail_stale_trials(study)
+                left, waiting, running = self._left(study, want)
+                if left or waiting:
+                    if not waiting:
+                        if isinstance(want, list):
+                            study.enqueue_trial(json.loads(left[0]), user_attrs={"key": left[0]})
+                    trial = study.ask()  # the oldest waiting trial, or a new one from the sampler
+                    trial.set_user_attr("owner", f"{HOST}:{os.getpid()}")
+            if trial is None:
+                if not running:
+                    return True
+                if not wait:
+                    return False
+                time.sleep(POLL_SECONDS)
+                continue
+            self._run_claimed(study, trial, objective, label)
             self.write_reports()
 
+    def _run_claimed(self, study, trial, objective, label):
+        from optuna.trial import TrialState
+
+        with heartbeat(self.storage, trial._trial_id):
+            try:
+                value = objective(trial)
+            except TrialFailed as e:
+                trial.set_user_attr("error", str(e))  # a real failure, not a kill: not retried by default
+                study.tell(trial, state=TrialState.FAIL)
+                self.log(f"[{label}] trial {trial.number} failed: {e}")
+                return
+            except BaseException:
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+        study.tell(trial, value)
+
+    def _stage_want(self, stage):
+        if stage["sampler"] == "grid":
+            return [param_key(p) for p in grid_points(stage["grid"])]
+        return int(stage["n_trials"])
+
+    def run_stage(self, stage, wait=False):
+        """Run the stage's trials that no process has started; with ``wait``, until the stage is complete."""
+        objective = self.objective(stage, self.fixed_params(stage))
+        return self._work(self.study(stage), self._stage_want(stage), objective, stage["name"], wait)
+
+    # --------------------------------------------------------------------------------------------------
+    # Final seeds
+    # --------------------------------------------------------------------------------------------------
+    def _final_keys(self, stage, params):
+        return [param_key({"stage": stage["name"], "params": params, "seed": s}) for s in self.spec["final_seeds"]]
+
+    def _final_want(self):
+        return [k for s in self.spec["stages"] if s["final"] for k in self._final_keys(s, self.best_params(s["name"]))]
+
+    def run_final_seeds(self):
+        """Each stage's best setting at every final seed, as trials of the final-seed study (once every stage
+        is complete)."""
+        def objective(trial):
+            point = json.loads(trial.user_attrs["key"])
+            stage = self.stage(point["stage"])
+            self.log(f"[final {stage['name']}] {point['params']} seed {point['seed']}")
+            return self.train(stage["config"], point["params"], point["seed"], trial)
+
+        return self._work(self.study(FINAL_STUDY), self._final_want(), objective, FINAL_STUDY, wait=True)
+
+    def final_rows(self):
+        """One row per stage whose final-seed runs have all finished: its best setting and their metrics."""
+        from optuna.trial import TrialState
+
+        done = {t.user_attrs.get("key"): t.value
+                for t in self.study(FINAL_STUDY).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+        rows = []
+        for stage in (s for s in self.spec["stages"] if s["final"]):
+            try:
+                params = self.best_params(stage["name"])
+            except SweepError:
+                continue
+            keys = self._final_keys(stage, params)
+            if all(k in done for k in keys):
+                rows.append({"stage": stage["name"], "config": stage["config"], "params": params,
+                             "seeds": list(self.spec["final_seeds"]), "values": [done[k] for k in keys]})
+        return rows
+
+    # --------------------------------------------------------------------------------------------------
+    # The sweep, from machine rank 0 and from the others
+    # --------------------------------------------------------------------------------------------------
     def run(self):
         for stage in self.spec["stages"]:
+            for other in stage["inherit"]:
+                self.run_stage(self.stage(other), wait=True)  # the best setting is taken from a complete stage
             self.run_stage(stage)
-        final = self.run_final() if self.spec["final_seeds"] else None
-        return self.write_reports(final)
+        # Then help the other processes finish (and take over the points of any that die): every process
+        # returns with the whole sweep done and reported.
+        for stage in self.spec["stages"]:
+            self.run_stage(stage, wait=True)
+        if self.spec["final_seeds"]:
+            self.run_final_seeds()
+        return self.write_reports(self.final_rows() if self.spec["final_seeds"] else None)
+
+    def finished(self):
+        """Whether every stage, and every final-seed run, is complete."""
+        def complete(study, want):
+            return not any(self._left(study, want))
+
+        if not all(complete(self.study(s), self._stage_want(s)) for s in self.spec["stages"]):
+            return False
+        return not self.spec["final_seeds"] or complete(self.study(FINAL_STUDY), self._final_want())
+
+    def join(self):
+        """Machine rank > 0: start this machine's part of every training that machine rank 0 of the same
+        ``--dist-url`` starts, until the sweep is finished; then write the reports."""
+        from optuna.trial import TrialState
+
+        studies = [self.study(s) for s in self.spec["stages"]]
+        studies += [self.study(FINAL_STUDY)] if self.spec["final_seeds"] else []
+        joined = set()
+        while True:
+            runs = []
+            for study in studies:
+                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    run = t.user_attrs.get("run")
+                    if (run and run["dist_url"] == self.dist_url and run["num_machines"] == self.num_machines
+                            and t.user_attrs.get("run_done") != run["key"]
+                            and (t._trial_id, run["key"]) not in joined):
+                        joined.add((t._trial_id, run["key"]))
+                        runs.append((study, t, run))
+            for study, t, run in runs:
+                self.log(f"[{study.study_name}] trial {t.number}: machine {self.machine_rank} joins "
+                         f"{run['config_file']} {' '.join(run['overrides'])}")
+                try:
+                    run_trial(run["config_file"], run["overrides"], os.path.join(self.output, run["folder"]),
+                              run["num_gpus"], resume=run["resume"], num_machines=self.num_machines,
+                              machine_rank=self.machine_rank, dist_url=self.dist_url)
+                except TrialFailed as e:  # rank 0 records the trial's outcome
+                    self.log(f"[{study.study_name}] trial {t.number}: machine {self.machine_rank}: {e}")
+            if not runs:
+                if self.finished():
+                    break
+                time.sleep(POLL_SECONDS)
+        return self.write_reports(self.final_rows() if self.spec["final_seeds"] else None)
 
     # --------------------------------------------------------------------------------------------------
     # Reports
@@ -539,12 +775,23 @@ def main(argv=None):
     parser.add_argument("--output", required=True, help="folder of the study database, trials and reports")
     parser.add_argument("--storage", default=None, help="SQLAlchemy URL of a shared study (default DIR/study.db)")
     parser.add_argument("--num-gpus", type=int, default=None, help="processes per trial (train_net.py --num-gpus)")
+    parser.add_argument("--num-machines", type=int, default=1, help="machines per trial (train_net.py --num-machines)")
+    parser.add_argument("--machine-rank", type=int, default=0,
+                        help="this machine's rank in every trial: 0 runs the sweep, the others join its trainings")
+    parser.add_argument("--dist-url", default="auto",
+                        help="train_net.py --dist-url; several machines: tcp://HOST:PORT of machine rank 0 on each")
     parser.add_argument("--retry-failed", action="store_true", help="run again the points whose training failed")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the reports from the studies")
     args = parser.parse_args(argv)
-    sweep = Sweep(load_sweep(args.config_file), args.output, args.storage, args.num_gpus, args.retry_failed)
+    try:
+        sweep = Sweep(load_sweep(args.config_file), args.output, args.storage, args.num_gpus, args.retry_failed,
+                      num_machines=args.num_machines, machine_rank=args.machine_rank, dist_url=args.dist_url)
+    except SweepError as e:
+        parser.error(str(e))
     if args.report_only:
-        result = sweep.write_reports(sweep.run_final(train=False) if sweep.spec["final_seeds"] else None)
+        result = sweep.write_reports(sweep.final_rows() if sweep.spec["final_seeds"] else None)
+    elif args.machine_rank > 0:
+        result = sweep.join()
     else:
         result = sweep.run()
     for name, row in result["best"].items():
