@@ -119,6 +119,10 @@ def add_selftrain_config(cfg):
     # ONEDNN_PRIMITIVE_CACHE_CAPACITY environment variable wins over this.
     cfg.ONEDNN_PRIMITIVE_CACHE_CAPACITY = 4096
 
+    # Mixed precision (Detectron2's SOLVER.AMP.ENABLED turns it on): "float16", with a GradScaler that skips
+    # steps whose gradients overflow, or "bfloat16", float32's range without scaling (Ampere GPUs and later).
+    cfg.SOLVER.AMP.DTYPE = "float16"
+
     # EfficientNet-Lite backbone (selftrain_d2.modeling.backbone.efficientnet_lite).
     cfg.MODEL.EFFICIENTNET_LITE = CN()
     # Architecture name understood by the efficientnet-lite-pytorch package.

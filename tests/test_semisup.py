@@ -14,7 +14,7 @@ from detectron2.utils.events import EventStorage
 
 from selftrain_d2.config import load_config
 from selftrain_d2.engine import SemiSupervisedTrainer, TRAINER_REGISTRY, default_argument_parser
-from selftrain_d2.engine.semisup import check_finite_losses
+from selftrain_d2.engine.train_step import check_finite_losses
 
 from .conftest import ROOT
 from .test_training import _Killed, _KillAfter

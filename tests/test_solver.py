@@ -6,7 +6,7 @@ from detectron2.solver import build_optimizer as d2_build_optimizer
 from torch import nn
 
 from selftrain_d2.config import get_selftrain_cfg, load_config
-from selftrain_d2.solver import build_optimizer, build_param_groups
+from selftrain_d2.solver import build_gradient_clipper, build_optimizer, build_param_groups
 
 from .conftest import DEMO_CONFIG
 
@@ -111,10 +111,14 @@ def test_unknown_optimizer_is_named():
         build_optimizer(_cfg("SOLVER.OPTIMIZER", "ADAM"), _Tiny())
 
 
-def _step_with_gradient(opt, model, value):
+def _clip_with_gradient(cfg, model, value):
+    """Gradients of ``value`` everywhere, clipped as the train step clips them; returns the optimizer."""
     for p in model.parameters():
         p.grad = torch.full_like(p, value) if p.requires_grad else None
-    opt.step()
+    clip = build_gradient_clipper(cfg)
+    if clip is not None:
+        clip([p for p in model.parameters() if p.requires_grad])
+    return clip
 
 
 @pytest.mark.parametrize("optimizer", ["SGD", "ADAMW"])
@@ -122,9 +126,9 @@ def test_full_model_clipping_clips_the_norm_of_all_gradients_together(optimizer)
     model = _Tiny()
     cfg = _cfg("SOLVER.OPTIMIZER", optimizer, "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
                "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.01")
-    opt = build_optimizer(cfg, model)
-    assert isinstance(opt, torch.optim.SGD if optimizer == "SGD" else torch.optim.AdamW)
-    _step_with_gradient(opt, model, 3.0)
+    # Clipping belongs to the train step (after the GradScaler's unscale_), not to the optimizer.
+    assert type(build_optimizer(cfg, model)) is (torch.optim.SGD if optimizer == "SGD" else torch.optim.AdamW)
+    _clip_with_gradient(cfg, model, 3.0)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     assert total == pytest.approx(0.01, rel=1e-4)
@@ -136,14 +140,19 @@ def test_detectron2_value_clipping_is_kept_for_other_clip_types():
     model = _Tiny()
     cfg = _cfg("SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "value",
                "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.5")
-    opt = build_optimizer(cfg, model)
-    _step_with_gradient(opt, model, 3.0)
+    _clip_with_gradient(cfg, model, 3.0)
     assert all(float(p.grad.abs().max()) == 0.5 for p in model.parameters() if p.grad is not None)
+
+
+def test_unknown_clip_type_is_refused_by_name():
+    cfg = _cfg("SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "global")
+    with pytest.raises(ValueError, match="global"):
+        build_gradient_clipper(cfg)
 
 
 def test_no_clipping_unless_enabled():
     model = _Tiny()
-    opt = build_optimizer(_cfg("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model"), model)
-    assert type(opt) is torch.optim.SGD
-    _step_with_gradient(opt, model, 3.0)
+    cfg = _cfg("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model")
+    assert type(build_optimizer(cfg, model)) is torch.optim.SGD
+    assert _clip_with_gradient(cfg, model, 3.0) is None
     assert all(float(p.grad.abs().max()) == 3.0 for p in model.parameters() if p.grad is not None)

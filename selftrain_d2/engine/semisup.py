@@ -18,14 +18,13 @@ stream whose batch ``k`` is a pure function of (seed, k), like the labeled one.
 """
 import logging
 import os
-import time
 
 import numpy as np
 import torch
 import torch.utils.data as torchdata
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import get_detection_dataset_dicts
-from detectron2.engine import HookBase, SimpleTrainer, hooks
+from detectron2.engine import HookBase, hooks
 from detectron2.structures import Instances
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
@@ -35,6 +34,7 @@ from ..data.mappers import MAPPER_REGISTRY
 from ..modeling import build_model
 from ..teacher import FrozenTeacher, PseudoLabeler, copy_weights_, ema_update_
 from .ddp import unwrap_ddp
+from .train_step import TrainStep
 from .trainer import Trainer
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "SemiSupervisedStep",
     "TeacherSchedule",
     "build_unlabeled_loader",
-    "check_finite_losses",
     "evaluate_student_teacher",
 ]
 
@@ -77,19 +76,6 @@ def build_unlabeled_loader(cfg, seed):
         persistent_workers=False, pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed),
     )
-
-
-def check_finite_losses(loss_dict, iteration):
-    """Raise FloatingPointError naming the first non-finite loss term and the iteration (one sync)."""
-    if not loss_dict:
-        return
-    values = torch.stack([v.detach().float().reshape(()) for v in loss_dict.values()])
-    finite = torch.isfinite(values)
-    if bool(finite.all()):
-        return
-    name, value = next((k, float(v)) for (k, v), ok in zip(loss_dict.items(), finite.tolist()) if not ok)
-    raise FloatingPointError(f"Loss term {name!r} is {value} at iteration {iteration}: training stopped. "
-                             f"All loss terms: { {k: round(float(v.detach()), 4) for k, v in loss_dict.items()} }")
 
 
 class TeacherSchedule(HookBase):
@@ -130,13 +116,14 @@ class TeacherSchedule(HookBase):
             ema_update_(self.teacher.model, self.trainer.model, self.decay)
 
 
-class SemiSupervisedStep(SimpleTrainer):
+class SemiSupervisedStep(TrainStep):
     """One training step: supervised loss on a labeled batch, plus lambda_u x the loss on the strong
-    views of an unlabeled batch against the teacher's pseudo labels for the weak views."""
+    views of an unlabeled batch against the teacher's pseudo labels for the weak views. How the losses
+    are applied (AMP, clipping) is :class:`TrainStep`'s."""
 
     def __init__(self, model, data_loader, optimizer, *, unlabeled_loader, labeler, schedule, unsup_weight,
-                 unlabeled_period, amp=False, grad_scaler=None):
-        super().__init__(model, data_loader, optimizer)
+                 unlabeled_period, amp=None, clip=None, grad_scaler=None):
+        super().__init__(model, data_loader, optimizer, amp=amp, clip=clip, grad_scaler=grad_scaler)
         if unlabeled_period < 1:
             raise ValueError(f"SEMISUP.UNLABELED_PERIOD must be >= 1, got {unlabeled_period}")
         self.unlabeled_loader = unlabeled_loader
@@ -144,10 +131,6 @@ class SemiSupervisedStep(SimpleTrainer):
         self.schedule = schedule
         self.unsup_weight = float(unsup_weight)
         self.unlabeled_period = int(unlabeled_period)
-        self.amp = amp
-        if amp and grad_scaler is None:
-            grad_scaler = torch.amp.GradScaler("cuda")
-        self.grad_scaler = grad_scaler
         self._unlabeled_iter = None
         self._unlabeled_next = None  # index of the batch the iterator gives next
 
@@ -167,10 +150,6 @@ class SemiSupervisedStep(SimpleTrainer):
         self._unlabeled_next = index + 1
         return batch
 
-    def _autocast(self):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return torch.autocast(device_type=device, enabled=self.amp)
-
     def student_inputs(self, unlabeled, targets):
         """Strong views with the pseudo labels as training targets."""
         inputs = []
@@ -189,7 +168,7 @@ class SemiSupervisedStep(SimpleTrainer):
     def unsupervised_losses(self, teacher, unlabeled):
         """``{name + "_unsup": lambda_u x loss}`` of the student on the strong views; zeros (still in
         the graph) when the teacher left no pseudo label in this process's batch."""
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self.autocast():
             outputs, pad_size, sizes = teacher.predict([{"image": r["image"]} for r in unlabeled])
         targets = self.labeler(outputs, pad_size, sizes)
         empty = [self.labeler.is_empty(t) for t in targets]
@@ -197,52 +176,27 @@ class SemiSupervisedStep(SimpleTrainer):
         if self.labeler.targets == "instance":
             storage.put_scalar("semisup/pseudo_objects_per_image", float(np.mean([len(t["labels"]) for t in targets])))
         storage.put_scalar("semisup/empty_pseudo_label_share", float(np.mean(empty)))
-        with self._autocast():
+        with self.autocast():
             losses = self.model(self.student_inputs(unlabeled, targets))
         # The forward runs even when all are empty, so every process makes the same collective calls.
         weight = 0.0 if all(empty) else self.unsup_weight
         return {f"{k}_unsup": v * weight for k, v in losses.items()}
 
-    def run_step(self):
-        assert self.model.training, "[SemiSupervisedStep] the student was put in eval mode"
-        start = time.perf_counter()
+    def next_batch(self):
+        """(labeled batch, the teacher of this iteration or None, its unlabeled batch or None)."""
         labeled = next(self._data_loader_iter)
         teacher = None
         if self.iter % self.unlabeled_period == 0:
             teacher = self.schedule.teacher_at(self.iter)
         unlabeled = self._unlabeled_batch(self.iter) if teacher is not None else None
-        data_time = time.perf_counter() - start
+        return labeled, teacher, unlabeled
 
-        with self._autocast():
-            loss_dict = dict(self.model(labeled))
+    def compute_losses(self, batch):
+        labeled, teacher, unlabeled = batch
+        loss_dict = super().compute_losses(labeled)
         if teacher is not None:
             loss_dict.update(self.unsupervised_losses(teacher, unlabeled))
-        check_finite_losses(loss_dict, self.iter)
-        losses = sum(loss_dict.values())
-
-        self.optimizer.zero_grad()
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(losses).backward()
-        else:
-            losses.backward()
-        self.after_backward()
-        self._write_metrics(loss_dict, data_time)
-        if self.grad_scaler is not None:
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            self.optimizer.step()
-
-    def state_dict(self):
-        ret = super().state_dict()
-        if self.grad_scaler is not None:
-            ret["grad_scaler"] = self.grad_scaler.state_dict()
-        return ret
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        if self.grad_scaler is not None and "grad_scaler" in state_dict:
-            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        return loss_dict
 
 
 def _eval_model_choice(cfg):
@@ -306,7 +260,7 @@ class SemiSupervisedTrainer(Trainer):
             self._trainer.model, self._trainer.data_loader, self._trainer.optimizer,
             unlabeled_loader=build_unlabeled_loader(cfg, self.run_seed), labeler=PseudoLabeler(cfg),
             schedule=self.schedule, unsup_weight=ss.UNSUP_LOSS_WEIGHT, unlabeled_period=ss.UNLABELED_PERIOD,
-            amp=cfg.SOLVER.AMP.ENABLED,
+            amp=self._trainer.amp, clip=self._trainer.clip, grad_scaler=self._trainer.grad_scaler,
         )
         self.checkpointer.add_checkpointable("teacher", self.teacher)
 

@@ -2,6 +2,8 @@
 
 - the registered mappers and the seeded, resumable training stream (selftrain_d2.data.build),
 - DDP that also works for CPU processes (gloo),
+- one train step (TrainStep) for full and mixed precision on any device, with gradient clipping after
+  the GradScaler's unscale_,
 - the one shared ``build_evaluator``,
 - DeepLab's poly learning-rate schedule when asked for by name, and the Mask2Former optimizer
   recipe (AdamW, backbone multiplier, embedding weight decay, full-model clipping) by config,
@@ -11,7 +13,7 @@ import logging
 import os
 import weakref
 
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import DefaultTrainer, TrainerBase
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
@@ -19,11 +21,12 @@ from detectron2.utils.logger import setup_logger
 from ..data.build import SeededTrainStream, build_test_loader, build_train_loader
 from ..evaluation import build_evaluator
 from ..modeling import apply_memory_format
-from ..solver import build_lr_scheduler, build_optimizer
+from ..solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
 from ..utils.io import atomic_write_json
 from .checkpoint import build_checkpointer
 from .ddp import wrap_ddp
 from .hooks import CropScheduleHook, StepSeeder
+from .train_step import AmpSettings, TrainStep
 
 __all__ = ["Trainer", "write_results"]
 
@@ -58,7 +61,8 @@ class Trainer(DefaultTrainer):
             cfg.SOLVER.MAX_ITER = self.crop_table.max_iter
             cfg.freeze()
         model = wrap_ddp(model, broadcast_buffers=False)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = TrainStep(model, data_loader, optimizer, amp=AmpSettings.from_config(cfg),
+                                  clip=build_gradient_clipper(cfg))
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer, table=self.crop_table)
         # MODEL.CLASS_TRANSFER: class rows remapped by name when starting from other classes' weights.

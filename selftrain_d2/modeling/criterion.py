@@ -116,17 +116,21 @@ class SetCriterion(nn.Module):
         src_masks = pred_masks[_batch_and_src(indices, pred_masks.device)][:, None]
         if src_masks.shape[0] == 0:
             # An empty slice's sum: exactly 0, never NaN, and still part of the graph.
-            zero = pred_masks.flatten()[:0].sum()
+            zero = pred_masks.flatten()[:0].float().sum()
             return {"loss_mask": zero, "loss_dice": zero.clone()}
-        tgt_masks = matched_target_masks(targets, indices).to(src_masks)[:, None]
-        with torch.no_grad():
-            coords = self.sample_points(src_masks)
-            point_targets = point_sample(tgt_masks, coords, align_corners=False)[:, 0]
-        point_logits = point_sample(src_masks, coords, align_corners=False)[:, 0]
-        return {
-            "loss_mask": sigmoid_ce_loss(point_logits, point_targets, num_masks),
-            "loss_dice": dice_loss(point_logits, point_targets, num_masks),
-        }
+        # Point sampling and the point losses in float32 with autocast off, as the reference computes them:
+        # sums over thousands of points are not safe in float16.
+        with torch.autocast(device_type=src_masks.device.type, enabled=False):
+            src_masks = src_masks.float()
+            tgt_masks = matched_target_masks(targets, indices).to(src_masks)[:, None]
+            with torch.no_grad():
+                coords = self.sample_points(src_masks)
+                point_targets = point_sample(tgt_masks, coords, align_corners=False)[:, 0]
+            point_logits = point_sample(src_masks, coords, align_corners=False)[:, 0]
+            return {
+                "loss_mask": sigmoid_ce_loss(point_logits, point_targets, num_masks),
+                "loss_dice": dice_loss(point_logits, point_targets, num_masks),
+            }
 
     def layer_losses(self, outputs, targets, num_masks):
         """Match one layer's outputs to the targets and compute the requested losses."""

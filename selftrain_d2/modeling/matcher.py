@@ -97,18 +97,20 @@ class HungarianMatcher(nn.Module):
                 empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
-            # Costs in float32 whatever precision the model ran in.
-            probs = pred_logits[b].float().softmax(-1)
-            out_mask = pred_masks[b].float()
-            tgt_mask = target["masks"].to(out_mask)
-            # All masks of the image as the channels of one map, sampled at the same points.
-            coords = self.sample_points(out_mask.device)[None]
-            point_logits = point_sample(out_mask[None], coords, align_corners=False)[0]
-            point_targets = point_sample(tgt_mask[None], coords, align_corners=False)[0]
-            try:
-                cost = match_cost(probs, labels, point_logits, point_targets, weights)
-            except ValueError as e:
-                raise ValueError(f"{e} (image {b} of the batch)") from None
+            # Costs in float32 whatever precision the model ran in, with autocast off: under it the mask
+            # costs' matmuls over thousands of points would run in float16 again and overflow.
+            with torch.autocast(device_type=pred_masks.device.type, enabled=False):
+                probs = pred_logits[b].float().softmax(-1)
+                out_mask = pred_masks[b].float()
+                tgt_mask = target["masks"].to(out_mask)
+                # All masks of the image as the channels of one map, sampled at the same points.
+                coords = self.sample_points(out_mask.device)[None]
+                point_logits = point_sample(out_mask[None], coords, align_corners=False)[0]
+                point_targets = point_sample(tgt_mask[None], coords, align_corners=False)[0]
+                try:
+                    cost = match_cost(probs, labels, point_logits, point_targets, weights)
+                except ValueError as e:
+                    raise ValueError(f"{e} (image {b} of the batch)") from None
             indices.append(solve_assignment(cost))
         return indices
 

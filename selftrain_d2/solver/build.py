@@ -7,19 +7,23 @@
   for biases when set); ``WEIGHT_DECAY_EMBED`` for ``nn.Embedding`` weights (the decoder's
   query_feat / query_embed / level_embed), Swin's relative position bias tables and absolute
   position embedding, and a ViT's pos_embed / cls_token / reg_token;
-- ``CLIP_GRADIENTS`` with ``CLIP_TYPE: "full_model"`` clips the norm of all gradients together
-  before each step; "value" / "norm" are Detectron2's per-parameter clipping.
+- ``CLIP_GRADIENTS`` (``build_gradient_clipper``): ``CLIP_TYPE: "full_model"`` clips the norm of all
+  gradients together; "value" / "norm" are Detectron2's per-parameter clipping. Clipping is not part of
+  the optimizer: the train step (``selftrain_d2.engine.train_step``) clips after the GradScaler's
+  ``unscale_`` and before ``step``, which fused optimizers under AMP need.
 
 With ``OPTIMIZER: SGD`` and ``BACKBONE_MULTIPLIER: 1.0`` it builds the same optimizer as
 Detectron2's ``build_optimizer``.
 """
-import itertools
+import functools
 
 import torch
-from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
+from detectron2.solver.build import _create_gradient_clipper, reduce_param_groups
 from torch import nn
 
-__all__ = ["build_optimizer", "build_param_groups", "full_model_gradient_clipping", "NORM_MODULE_TYPES"]
+__all__ = [
+    "build_optimizer", "build_gradient_clipper", "build_param_groups", "clip_full_model_", "NORM_MODULE_TYPES",
+]
 
 # Devices with fused SGD / AdamW kernels in torch.
 FUSED_DEVICE_TYPES = ("cpu", "cuda")
@@ -81,19 +85,31 @@ def build_param_groups(
     return reduce_param_groups(groups)
 
 
-def full_model_gradient_clipping(optimizer_cls, max_norm, norm_type=2.0):
-    """A subclass of ``optimizer_cls`` whose ``step`` first clips the gradient norm of all its
-    parameters, taken together, to ``max_norm``."""
+def clip_full_model_(params, max_norm, norm_type=2.0):
+    """Clip the gradients of ``params`` in place so that their norm, taken together, is at most ``max_norm``
+    (the reference Mask2Former's "full_model" clipping); returns that norm before clipping."""
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
 
-    class FullModelGradientClipping(optimizer_cls):
-        def step(self, closure=None):
-            params = itertools.chain.from_iterable(group["params"] for group in self.param_groups)
-            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
-            return super().step(closure=closure)
 
-    FullModelGradientClipping.__name__ = f"{optimizer_cls.__name__}WithFullModelGradientClipping"
-    FullModelGradientClipping.__qualname__ = FullModelGradientClipping.__name__
-    return FullModelGradientClipping
+def clip_each_parameter_(params, clip_one):
+    """Apply a per-parameter clipper (Detectron2's "value" / "norm" types) to each of ``params``."""
+    for p in params:
+        clip_one(p)
+
+
+def build_gradient_clipper(cfg):
+    """``SOLVER.CLIP_GRADIENTS`` as a function clipping the gradients of a list of parameters in place, or
+    None when clipping is off. The train step calls it after the GradScaler's ``unscale_``, so it always
+    sees the true gradients."""
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if not clip.ENABLED:
+        return None
+    if clip.CLIP_TYPE == "full_model":
+        if clip.CLIP_VALUE <= 0:
+            return None
+        return functools.partial(clip_full_model_, max_norm=clip.CLIP_VALUE, norm_type=clip.NORM_TYPE)
+    # Detectron2's "value" / "norm" clipper of one parameter; it rejects other types by name.
+    return functools.partial(clip_each_parameter_, clip_one=_create_gradient_clipper(clip))
 
 
 def build_optimizer(cfg, model):
@@ -112,6 +128,11 @@ def build_optimizer(cfg, model):
     # are several times faster than the default loop (R50 Mask2Former AdamW step: 442 -> 118 ms, 1 thread).
     # Elsewhere, the multi-tensor ("foreach") kernels as Detectron2 sets them.
     fused = all(p.device.type in FUSED_DEVICE_TYPES for group in params for p in group["params"])
+    # Fused SGD allocates its momentum buffers on the first step and leaves them uninitialised when the
+    # GradScaler skips that step, and the first steps of float16 AMP usually overflow: SGD runs foreach then.
+    # Fused AdamW keeps its state untouched on a skipped step.
+    if s.OPTIMIZER == "SGD" and s.AMP.ENABLED and s.AMP.DTYPE == "float16":
+        fused = False
     kernels = {"fused": True} if fused else {"foreach": True}
     if s.OPTIMIZER == "SGD":
         optimizer_cls, kwargs = torch.optim.SGD, {"momentum": s.MOMENTUM, "nesterov": s.NESTEROV, **kernels}
@@ -119,11 +140,4 @@ def build_optimizer(cfg, model):
         optimizer_cls, kwargs = torch.optim.AdamW, kernels
     else:
         raise ValueError(f"SOLVER.OPTIMIZER={s.OPTIMIZER!r}: use 'SGD' or 'ADAMW'")
-
-    clip = s.CLIP_GRADIENTS
-    if clip.ENABLED and clip.CLIP_TYPE == "full_model":
-        if clip.CLIP_VALUE > 0:
-            optimizer_cls = full_model_gradient_clipping(optimizer_cls, clip.CLIP_VALUE, clip.NORM_TYPE)
-    else:
-        optimizer_cls = maybe_add_gradient_clipping(cfg, optimizer_cls)
     return optimizer_cls(params, lr=s.BASE_LR, **kwargs)
