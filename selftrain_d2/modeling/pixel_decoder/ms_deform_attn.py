@@ -25,6 +25,8 @@ def _coordinates(t):
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+# The level shapes and start indices are wanted as Python ints. Tensors are accepted too, for the
+# reference's interface, but reading them is a host sync on an accelerator: the model passes ints.
 def _int_pairs(spatial_shapes):
     if torch.is_tensor(spatial_shapes):
         spatial_shapes = spatial_shapes.tolist()
@@ -35,14 +37,30 @@ def _ints(index):
     return [int(i) for i in (index.tolist() if torch.is_tensor(index) else index)]
 
 
+def _level_table(rows, dtype, device):
+    """[L, k] tensor of per-level Python numbers (``rows``: L lists of k), written on ``device`` by fill
+    kernels. ``torch.tensor(rows, device=...)`` would copy them from pageable host memory, which on CUDA
+    waits for all queued work (a host sync) in every layer."""
+    table = torch.empty((len(rows), len(rows[0])), dtype=dtype, device=device)
+    for i, row in enumerate(rows):
+        for j, v in enumerate(row):
+            table[i, j].fill_(v)
+    return table
+
+
+def _sizes_xy(shapes, like):
+    """[L, 2] (W_l, H_l) in ``like``'s dtype, on its device."""
+    return _level_table([[w, h] for h, w in shapes], like.dtype, like.device)
+
+
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Attention-weighted sum of values sampled bilinearly at free locations on several feature maps.
 
     value:               [N, S, M, D]  M heads of D channels at the S = sum(H_l * W_l) pixels of all
                                        levels, each level flattened row-major, level l from
                                        level_start_index[l].
-    spatial_shapes:      [L, 2]        (H_l, W_l) per level (tensor or pairs of ints).
-    level_start_index:   [L]
+    spatial_shapes:      [L, 2]        (H_l, W_l) per level: pairs of ints (or a tensor, read on the host).
+    level_start_index:   [L]           ints (or a tensor, read on the host).
     sampling_locations:  [N, Lq, M, L, P, 2]  (x, y) in map-relative units: 0 and 1 are the outer
                                        edges of the first and last pixels (grid_sample with
                                        align_corners=False); outside the map values are zero.
@@ -97,8 +115,7 @@ def ms_deform_attn_gather(value, spatial_shapes, level_start_index, sampling_loc
     grid_sample version, but its backward is slower, so :func:`ms_deform_attn` uses it without gradients."""
     shapes = _int_pairs(spatial_shapes)
     locations = _coordinates(sampling_locations)
-    size_xy = locations.new_tensor([[w, h] for h, w in shapes])[:, None, :]  # [L, 1, 2]
-    pixels = locations * size_xy - 0.5
+    pixels = locations * _sizes_xy(shapes, locations)[:, None, :] - 0.5
     return _gather_at_pixels(value, shapes, _ints(level_start_index), pixels, attention_weights)
 
 
@@ -107,7 +124,6 @@ def _gather_at_pixels(value, shapes, starts, pixels, attention_weights):
     level (pixel centres at integers: location * size - 0.5)."""
     n, _, m, d = value.shape
     _, lq, _, num_levels, p, _ = pixels.shape
-    device = value.device
     table = _zero_bordered_rows(value, shapes, starts)
     padded = [(h + 3) * (w + 3) for h, w in shapes]
     padded_starts = [sum(padded[:i]) for i in range(num_levels)]
@@ -115,7 +131,7 @@ def _gather_at_pixels(value, shapes, starts, pixels, attention_weights):
     # The per-level constants below are expanded to [L, P, 2] so that broadcasting happens over the
     # leading dimensions only (an innermost broadcast dimension of 2 is several times slower).
     # Clamped to [-1, size]: beyond, all four corners lie in the zero border either way.
-    size_xy = pixels.new_tensor([[w, h] for h, w in shapes])[:, None, :].expand(num_levels, p, 2).contiguous()
+    size_xy = _sizes_xy(shapes, pixels)[:, None, :].expand(num_levels, p, 2).contiguous()
     pixels = torch.minimum(pixels.clamp(min=-1.0), size_xy)
     low = pixels.floor()
     frac = pixels - low
@@ -125,16 +141,17 @@ def _gather_at_pixels(value, shapes, starts, pixels, attention_weights):
     num_rows = table.shape[0]
     index_float = torch.float32 if num_rows < 2 ** 24 else torch.float64
     index_int = torch.int32 if num_rows < 2 ** 31 else torch.int64
-    step_xy = torch.tensor([[m, (w + 3) * m] for _, w in shapes], dtype=index_float, device=device)
-    step_xy = step_xy[:, None, :].expand(num_levels, p, 2).contiguous()
-    base = (torch.arange(n, device=device)[:, None, None] * (sum(padded) * m)
-            + torch.arange(m, device=device)[:, None]
-            + torch.tensor([(s + w + 4) * m for s, (_, w) in zip(padded_starts, shapes)], device=device))
-    top_left = torch.add((low.to(index_float) * step_xy).sum(-1), base[:, None, :, :, None].to(index_float))
+    # Per level: the row steps one pixel right / down, and the row of pixel (0, 0) of image 0, head 0.
+    level = _level_table([[m, (w + 3) * m, (s + w + 4) * m] for s, (_, w) in zip(padded_starts, shapes)],
+                         index_float, pixels.device)
+    step_xy = level[:, None, :2].expand(num_levels, p, 2).contiguous()
+    base = (torch.arange(n, dtype=index_float, device=pixels.device)[:, None, None] * (sum(padded) * m)
+            + torch.arange(m, dtype=index_float, device=pixels.device)[:, None] + level[:, 2])
+    top_left = torch.add((low.to(index_float) * step_xy).sum(-1), base[:, None, :, :, None])
     top_left = top_left.to(index_int)  # [N, Lq, M, L, P]
-    corner_step = torch.tensor([[0, m, (w + 3) * m, (w + 4) * m] for _, w in shapes], dtype=index_int,
-                               device=device)[:, None, :]
-    rows = top_left[..., None] + corner_step  # [N, Lq, M, L, P, 4]
+    # The four corners' rows from the top-left's: + 0, + right, + down, + right + down.
+    corner_step = torch.cat((level.new_zeros(num_levels, 1), level[:, :2], level[:, :2].sum(1, keepdim=True)), 1)
+    rows = top_left[..., None] + corner_step.to(index_int)[:, None, :]  # [N, Lq, M, L, P, 4]
     # Corner weights (y0 x0, y0 x1, y1 x0, y1 x1) times the attention weight.
     fx, fy = frac.unbind(-1)
     wy1 = fy * attention_weights
@@ -154,8 +171,7 @@ def deform_sampling_locations(reference_points, sampling_offsets, spatial_shapes
     the box size, scaled down by the number of points.
     """
     if reference_points.shape[-1] == 2:
-        shapes = torch.as_tensor(spatial_shapes, device=sampling_offsets.device)
-        normalizer = torch.stack([shapes[:, 1], shapes[:, 0]], -1).to(sampling_offsets.dtype)  # (W, H)
+        normalizer = _sizes_xy(_int_pairs(spatial_shapes), sampling_offsets)  # [L, 2] (W, H)
         return reference_points[:, :, None, :, None, :] + sampling_offsets / normalizer[None, None, None, :, None, :]
     if reference_points.shape[-1] == 4:
         return (reference_points[:, :, None, :, None, :2]
@@ -237,6 +253,5 @@ class MSDeformAttn(nn.Module):
             locations = deform_sampling_locations(reference_points, offsets, spatial_shapes, self.n_points)
             return ms_deform_attn(value, shapes, level_start_index, locations, weights)
         reference_points, offsets = _coordinates(reference_points), _coordinates(offsets)
-        size_xy = reference_points.new_tensor([[w, h] for h, w in shapes])  # [L, 2]
-        pixels = offsets + (reference_points * size_xy - 0.5)[:, :, None, :, None, :]
+        pixels = offsets + (reference_points * _sizes_xy(shapes, reference_points) - 0.5)[:, :, None, :, None, :]
         return _gather_at_pixels(value, shapes, _ints(level_start_index), pixels, weights)

@@ -3,6 +3,7 @@ up to the mask stride.
 
 Parameter names and shapes are the reference's (facebookresearch/Mask2Former), so its checkpoints load.
 """
+import contextlib
 from typing import Callable, Dict, List, Optional, Union
 
 import fvcore.nn.weight_init as weight_init
@@ -15,7 +16,7 @@ from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
-from .ms_deform_attn import MSDeformAttn
+from .ms_deform_attn import MSDeformAttn, _int_pairs
 
 __all__ = [
     "MSDeformAttnEncoderLayer",
@@ -34,14 +35,15 @@ def flatten_levels(srcs, pos_embeds, level_embed):
     """Concatenate feature levels into one sequence.
 
     srcs, pos_embeds: lists of [B, C, H_l, W_l]; level_embed: [L, C], added to each level's positions.
-    Returns src [B, S, C], pos [B, S, C], spatial_shapes [L, 2] (long), level_start_index [L].
+    Returns src [B, S, C], pos [B, S, C], spatial_shapes [(H_l, W_l)] and level_start_index [L] as Python
+    ints (the reference's are tensors, which every deformable layer would read back from the device).
     """
-    shapes = [tuple(src.shape[-2:]) for src in srcs]
+    spatial_shapes = [tuple(src.shape[-2:]) for src in srcs]
+    sizes = [h * w for h, w in spatial_shapes]
+    level_start_index = [sum(sizes[:lvl]) for lvl in range(len(sizes))]
     src_flat = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
     pos_flat = torch.cat([(pos.flatten(2).transpose(1, 2) + level_embed[lvl].view(1, 1, -1))
                           for lvl, pos in enumerate(pos_embeds)], 1)
-    spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)
-    level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
     return src_flat, pos_flat, spatial_shapes, level_start_index
 
 
@@ -50,8 +52,7 @@ def encoder_reference_points(spatial_shapes, device, dtype=torch.float32):
     used for all levels. Returns [1, S, L, 2]. (No padding masks: the reference never passes any,
     so its valid ratios are all 1.)"""
     points = []
-    shapes = spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes
-    for h, w in [(int(h), int(w)) for h, w in shapes]:
+    for h, w in _int_pairs(spatial_shapes):
         ys = (torch.arange(h, dtype=dtype, device=device) + 0.5) / h
         xs = (torch.arange(w, dtype=dtype, device=device) + 0.5) / w
         ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
@@ -124,7 +125,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
 
     def forward(self, srcs, pos_embeds):
         """srcs, pos_embeds: lists of [B, C, H_l, W_l]. Returns memory [B, S, C], spatial_shapes,
-        level_start_index."""
+        level_start_index (Python ints, see :func:`flatten_levels`)."""
         src, pos, spatial_shapes, level_start_index = flatten_levels(srcs, pos_embeds, self.level_embed)
         memory = self.encoder(src, pos, spatial_shapes, level_start_index)
         return memory, spatial_shapes, level_start_index
@@ -240,7 +241,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def forward_features(self, features):
         # The whole pixel decoder runs in (at least) float32, also under mixed precision, as the reference's.
         device_type = next(iter(features.values())).device.type
-        with torch.autocast(device_type=device_type, enabled=False):
+        # (a device without autocast, such as "meta", has nothing to turn off)
+        no_autocast = (torch.autocast(device_type=device_type, enabled=False)
+                       if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext())
+        with no_autocast:
             return self._forward_features(features)
 
     def _forward_features(self, features):
@@ -252,7 +256,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         memory, spatial_shapes, level_start_index = self.transformer(srcs, pos)
 
         batch = memory.shape[0]
-        sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+        sizes = [h * w for h, w in spatial_shapes]
         out = [z.transpose(1, 2).reshape(batch, -1, *src.shape[-2:]) for z, src in zip(memory.split(sizes, 1), srcs)]
 
         fpn_features = list(reversed(self.in_features[:self.num_fpn_levels]))
