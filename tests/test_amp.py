@@ -3,7 +3,7 @@
 
 - the train step's order (scale, backward, unscale_, clip, step, update) with fused and foreach optimizers;
 - overflowing steps skipped and counted;
-- the Hungarian matcher and the point losses in float32 under autocast.
+- the Hungarian matcher, the point losses and the KD losses in float32 under autocast.
 Every model family training under AMP through the trainer is in test_amp_training.py.
 """
 import pytest
@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from detectron2.utils.events import EventStorage
 
 from selftrain_d2.config import get_selftrain_cfg
+from selftrain_d2.distill.distiller import kd_loss_terms
+from selftrain_d2.distill.losses import ChannelWiseKD, IntraClassVariationKD, KDInputs, PairwiseSimilarityKD, PixelKD
 from selftrain_d2.engine.train_step import AmpSettings, TrainStep
 from selftrain_d2.modeling.criterion import SetCriterion
 from selftrain_d2.modeling.matcher import HungarianMatcher
@@ -183,3 +185,29 @@ def test_point_losses_are_float32_under_fp16_autocast():
         assert value.dtype == torch.float32 and torch.isfinite(value)
         # Only the float16 rounding of the logits themselves differs.
         torch.testing.assert_close(value, reference[name], rtol=1e-3, atol=1e-4)
+
+
+def test_kd_losses_are_float32_under_fp16_autocast_at_real_map_sizes():
+    """Prototype sums over a 128x256 map (a Cityscapes crop at stride 8) exceed float16's range."""
+    g = torch.Generator().manual_seed(2)
+    classes = 19
+    labels = torch.zeros(1, 128, 256, dtype=torch.int64)
+    labels[:, :, 200:] = 1
+
+    def maps():
+        return {"features": torch.rand(1, 64, 128, 256, generator=g) * 4,
+                "logits": torch.randn(1, classes, 128, 256, generator=g) * 10}
+
+    student, teacher = maps(), maps()
+    losses = [IntraClassVariationKD(weight=1.0, num_classes=classes), PixelKD(weight=1.0, tau=4.0),
+              ChannelWiseKD(weight=1.0, tau=4.0), PairwiseSimilarityKD(weight=1.0, patch=8)]
+    inputs = KDInputs(labels, None, 255)
+    reference = kd_loss_terms(losses, student, teacher, inputs)
+    half = {k: v.half() for k, v in student.items()}, {k: v.half() for k, v in teacher.items()}
+    with torch.autocast("cpu", dtype=torch.float16):
+        terms = kd_loss_terms(losses, *half, inputs)
+    assert terms.keys() == reference.keys() == {"loss_kd_ifvd", "loss_kd_pixel_kd", "loss_kd_cwd", "loss_kd_skd"}
+    for name, value in terms.items():
+        assert value.dtype == torch.float32 and torch.isfinite(value), name
+        # Only the float16 rounding of the maps themselves differs.
+        torch.testing.assert_close(value, reference[name], rtol=2e-2, atol=1e-4, msg=name)

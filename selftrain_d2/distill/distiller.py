@@ -26,10 +26,11 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList
 from torch import nn
 
+from ..utils.precision import autocast_off
 from .losses import KDInputs, build_kd_losses
 from .taps import FeatureTaps, make_adapters, probe_channels
 
-__all__ = ["Distiller", "build_teacher", "parse_taps", "probe_size"]
+__all__ = ["Distiller", "build_teacher", "kd_loss_terms", "parse_taps", "probe_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,26 @@ def _size_divisibility(model):
     if value is None:
         value = getattr(getattr(model, "backbone", None), "size_divisibility", 0)
     return int(value or 0)
+
+
+def kd_loss_terms(kd_losses, student_maps, teacher_maps, inputs, taken=()):
+    """The loss terms of ``kd_losses`` on aligned student / teacher maps ({tap: N x C x H x W}), computed in
+    float32 with autocast off: under mixed precision, softmaxes with a temperature, cosine similarities and
+    per-class sums over every pixel of a map are not float16-safe, and the holistic critic takes its own
+    (unscaled) step. A term whose name is in ``taken`` (the student's own losses) is an error."""
+    device = next(iter(student_maps.values())).device
+    terms = {}
+    with autocast_off(device):
+        student_maps = {tap: m.float() for tap, m in student_maps.items()}
+        teacher_maps = {tap: m.float() for tap, m in teacher_maps.items()}
+        for loss in kd_losses:
+            new = loss(student_maps, teacher_maps, inputs)
+            clash = set(new) & (set(taken) | set(terms))
+            if clash:
+                raise ValueError(f"KD loss {loss.name!r} returns {sorted(clash)}, which the student or another KD "
+                                 "loss already returns")
+            terms.update(new)
+    return terms
 
 
 @META_ARCH_REGISTRY.register()
@@ -207,10 +228,5 @@ class Distiller(nn.Module):
             self.teacher([{"image": x["image"]} for x in batched_inputs])
         student_maps, teacher_maps = self._align(student_maps, teacher_maps)
         inputs = self._kd_inputs(batched_inputs, any(loss.needs_images for loss in self.kd_losses.values()))
-        for loss in self.kd_losses.values():
-            terms = loss(student_maps, teacher_maps, inputs)
-            clash = set(terms) & set(losses)
-            if clash:
-                raise ValueError(f"KD loss {loss.name!r} returns {sorted(clash)}, which the student already returns")
-            losses.update(terms)
+        losses.update(kd_loss_terms(self.kd_losses.values(), student_maps, teacher_maps, inputs, taken=losses))
         return losses

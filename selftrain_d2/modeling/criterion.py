@@ -9,6 +9,7 @@ from detectron2.projects.point_rend.point_features import (
 from detectron2.utils import comm
 from torch import nn
 
+from ..utils.precision import autocast_off
 from .losses import calculate_uncertainty, dice_loss, sigmoid_ce_loss
 
 __all__ = [
@@ -120,7 +121,7 @@ class SetCriterion(nn.Module):
             return {"loss_mask": zero, "loss_dice": zero.clone()}
         # Point sampling and the point losses in float32 with autocast off, as the reference computes them:
         # sums over thousands of points are not safe in float16.
-        with torch.autocast(device_type=src_masks.device.type, enabled=False):
+        with autocast_off(src_masks.device):
             src_masks = src_masks.float()
             tgt_masks = matched_target_masks(targets, indices).to(src_masks)[:, None]
             with torch.no_grad():

@@ -4,6 +4,7 @@ from detectron2.projects.point_rend.point_features import point_sample
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from ..utils.precision import autocast_off
 from .losses import batch_dice_cost, batch_sigmoid_ce_cost
 
 __all__ = ["HungarianMatcher", "check_target", "match_cost", "solve_assignment"]
@@ -99,7 +100,7 @@ class HungarianMatcher(nn.Module):
                 continue
             # Costs in float32 whatever precision the model ran in, with autocast off: under it the mask
             # costs' matmuls over thousands of points would run in float16 again and overflow.
-            with torch.autocast(device_type=pred_masks.device.type, enabled=False):
+            with autocast_off(pred_masks.device):
                 probs = pred_logits[b].float().softmax(-1)
                 out_mask = pred_masks[b].float()
                 tgt_mask = target["masks"].to(out_mask)

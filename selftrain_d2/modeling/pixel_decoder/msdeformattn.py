@@ -3,7 +3,6 @@ up to the mask stride.
 
 Parameter names and shapes are the reference's (facebookresearch/Mask2Former), so its checkpoints load.
 """
-import contextlib
 from typing import Callable, Dict, List, Optional, Union
 
 import fvcore.nn.weight_init as weight_init
@@ -15,6 +14,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
+from ...utils.precision import autocast_off
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
 from .ms_deform_attn import MSDeformAttn, _int_pairs
 
@@ -240,11 +240,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     def forward_features(self, features):
         # The whole pixel decoder runs in (at least) float32, also under mixed precision, as the reference's.
-        device_type = next(iter(features.values())).device.type
-        # (a device without autocast, such as "meta", has nothing to turn off)
-        no_autocast = (torch.autocast(device_type=device_type, enabled=False)
-                       if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext())
-        with no_autocast:
+        with autocast_off(next(iter(features.values())).device):
             return self._forward_features(features)
 
     def _forward_features(self, features):
