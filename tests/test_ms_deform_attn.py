@@ -12,6 +12,8 @@ from selftrain_d2.modeling.pixel_decoder.ms_deform_attn import (
 )
 
 IMPLEMENTATIONS = [ms_deform_attn, ms_deform_attn_gather, ms_deform_attn_grid_sample]
+# (the recomputing path is defined below as _recomputed)
+GRADIENT_IMPLEMENTATIONS = IMPLEMENTATIONS + [lambda *args: _recomputed(*args)]
 
 
 def naive_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -65,7 +67,7 @@ def test_ms_deform_attn_matches_a_naive_bilinear_loop(fn):
     torch.testing.assert_close(fast, naive, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("impl", GRADIENT_IMPLEMENTATIONS)
 def test_ms_deform_attn_gradients_match_the_naive_loop(impl):
     inputs = _inputs(seed=1)
     value, shapes, starts, locations, weights = inputs
@@ -179,3 +181,97 @@ def test_gather_indices_survive_half_precision_locations():
     half = ms_deform_attn_gather(value, shapes, [0], locations, weights)
     # Only the float16 attention weights differ now; a wrong row would be off by a whole value (~1).
     torch.testing.assert_close(half.float(), expected, rtol=0.01, atol=0.01)
+
+
+def _recomputed(*args):
+    return ms_deform_attn(*args, recompute=True)
+
+
+def _saved_storages(fn, *args):
+    """The distinct storages autograd keeps for backward while ``fn(*args)`` runs."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return saved
+
+
+def test_recomputed_sampling_has_the_same_gradients_and_keeps_only_its_inputs():
+    value, shapes, starts, locations, weights = _inputs(seed=5)
+    grad_out = torch.randn(2, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    grads = []
+    for fn in (ms_deform_attn_grid_sample, _recomputed):
+        leaves = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
+        out = fn(leaves[0], shapes, starts, leaves[1], leaves[2])
+        grads.append(torch.autograd.grad(out, leaves, grad_out))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)  # the same operations, run again in backward
+    leaves = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
+    args = (leaves[0], shapes, starts, leaves[1], leaves[2])
+    kept = _saved_storages(_recomputed, *args)
+    assert set(kept) == {t.untyped_storage().data_ptr() for t in leaves}
+    assert sum(_saved_storages(ms_deform_attn_grid_sample, *args).values()) > sum(kept.values())
+
+
+class _StandInOp:
+    """What the reference's compiled module offers, computed here with the PyTorch path; records its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def ms_deform_attn_forward(self, value, shapes, starts, locations, weights, im2col_step):
+        assert shapes.dtype == starts.dtype == torch.int64 and shapes.device == value.device
+        self.calls.append("forward")
+        return ms_deform_attn_grid_sample(value, shapes.tolist(), starts.tolist(), locations, weights)
+
+    def ms_deform_attn_backward(self, value, shapes, starts, locations, weights, grad_output, im2col_step):
+        self.calls.append("backward")
+        leaves = [t.detach().requires_grad_(True) for t in (value, locations, weights)]
+        with torch.enable_grad():
+            out = ms_deform_attn_grid_sample(leaves[0], shapes.tolist(), starts.tolist(), leaves[1], leaves[2])
+        return torch.autograd.grad(out, leaves, grad_output)
+
+
+def test_compiled_op_is_used_where_installed_for_the_device(monkeypatch):
+    import importlib
+    import sys
+
+    module = importlib.import_module("selftrain_d2.modeling.pixel_decoder.ms_deform_attn")
+    op = _StandInOp()
+    monkeypatch.setitem(sys.modules, module.COMPILED_OP_MODULE, op)
+    monkeypatch.setattr(module, "_compiled_op_cache", {})
+    assert module.compiled_op("cuda") is op and module.compiled_op("cpu") is None
+
+    # The same dispatch on CPU tensors, with the stand-in declared a CPU op.
+    monkeypatch.setattr(module, "COMPILED_OP_DEVICES", ("cpu",))
+    value, shapes, starts, locations, weights = _inputs(seed=7)
+    value, locations, weights = (t.float() for t in (value, locations, weights))
+    leaves = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
+    out = module.ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2])
+    out.square().sum().backward()
+    assert op.calls == ["forward", "backward"]
+    reference = [t.clone().requires_grad_(True) for t in (value, locations, weights)]
+    expected = ms_deform_attn_grid_sample(reference[0], shapes, starts, reference[1], reference[2])
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(leaves, reference):
+        torch.testing.assert_close(a.grad, b.grad)
+    # The module takes the op also without gradients (its own gather is for the PyTorch path only).
+    attn = module.MSDeformAttn(d_model=8, n_levels=2, n_heads=2, n_points=2)
+    with torch.no_grad():
+        attn(torch.randn(1, 26, 8), torch.rand(1, 26, 2, 2), torch.randn(1, 26, 8), [(4, 5), (2, 3)], [0, 20])
+    assert op.calls[-1] == "forward" and len(op.calls) == 3
+
+
+def test_a_missing_compiled_op_falls_back_to_pytorch(monkeypatch):
+    import importlib
+    import sys
+
+    module = importlib.import_module("selftrain_d2.modeling.pixel_decoder.ms_deform_attn")
+    monkeypatch.setitem(sys.modules, module.COMPILED_OP_MODULE, None)  # import fails
+    monkeypatch.setattr(module, "_compiled_op_cache", {})
+    assert module.compiled_op("cuda") is None

@@ -1,14 +1,24 @@
-"""Multi-scale deformable attention (Deformable DETR), in pure PyTorch.
+"""Multi-scale deformable attention (Deformable DETR), in pure PyTorch, or the reference's compiled op.
 
-``ms_deform_attn`` is the sampling kernel, a pure function of tensors: a faster implementation can
-replace it and be checked against the same tests. ``MSDeformAttn`` is the module around it, with the
-reference's parameter names and initialisation, so reference checkpoints load unchanged.
+``ms_deform_attn`` is the sampling kernel, a pure function of tensors. It dispatches:
+
+- on a device where the reference's compiled extension (the ``MultiScaleDeformableAttention`` module that
+  Mask2Former's ``ops/make.sh`` builds) is importable and supports the device (CUDA), to that op;
+- otherwise without gradients to one weighted gather, with gradients to ``grid_sample`` per level, whose
+  intermediate tensors autograd keeps (about 6.7x the op's inputs), or, with ``recompute=True``, to the
+  same computation under activation checkpointing: only value, locations and weights are kept, and the
+  sampling is recomputed in backward (the compiled op keeps only its inputs too).
+
+``MSDeformAttn`` is the module around it, with the reference's parameter names and initialisation, so
+reference checkpoints load unchanged.
 """
+import importlib
 import math
 import warnings
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 __all__ = [
@@ -17,7 +27,57 @@ __all__ = [
     "ms_deform_attn_gather",
     "ms_deform_attn_grid_sample",
     "deform_sampling_locations",
+    "compiled_op",
+    "COMPILED_OP_DEVICES",
 ]
+
+# The reference's compiled extension: its module name and the devices it has kernels for.
+COMPILED_OP_MODULE = "MultiScaleDeformableAttention"
+COMPILED_OP_DEVICES = ("cuda",)
+# Images per CUDA block of the compiled op (the reference's MSDeformAttn passes 128).
+IM2COL_STEP = 128
+_compiled_op_cache = {}
+
+
+def compiled_op(device_type):
+    """The compiled extension module for ``device_type`` ("cuda"), or None when it is not installed or has no
+    kernels there. The import is tried once per process."""
+    if device_type not in COMPILED_OP_DEVICES:
+        return None
+    if COMPILED_OP_MODULE not in _compiled_op_cache:
+        try:
+            _compiled_op_cache[COMPILED_OP_MODULE] = importlib.import_module(COMPILED_OP_MODULE)
+        except ImportError:
+            _compiled_op_cache[COMPILED_OP_MODULE] = None
+    return _compiled_op_cache[COMPILED_OP_MODULE]
+
+
+class _CompiledMSDeformAttn(torch.autograd.Function):
+    """The compiled op's forward and backward (float32 in, float32 out, as the reference calls them)."""
+
+    @staticmethod
+    def forward(ctx, op, value, shapes, starts, sampling_locations, attention_weights):
+        ctx.op = op
+        ctx.save_for_backward(value, shapes, starts, sampling_locations, attention_weights)
+        return op.ms_deform_attn_forward(value, shapes, starts, sampling_locations, attention_weights, IM2COL_STEP)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        value, shapes, starts, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = ctx.op.ms_deform_attn_backward(
+            value, shapes, starts, sampling_locations, attention_weights, grad_output.contiguous(), IM2COL_STEP)
+        return None, grad_value, None, None, grad_locations, grad_weights
+
+
+def ms_deform_attn_compiled(op, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """:func:`ms_deform_attn` through the compiled op ``op`` (see :func:`compiled_op`). The level shapes and
+    start indices become int64 tensors on the device, written there without a copy from the host."""
+    shapes, starts = _int_pairs(spatial_shapes), _ints(level_start_index)
+    shapes_t = _level_table([list(hw) for hw in shapes], torch.int64, value.device)
+    starts_t = _level_table([[s] for s in starts], torch.int64, value.device).view(-1)
+    return _CompiledMSDeformAttn.apply(op, value.float().contiguous(), shapes_t, starts_t,
+                                       sampling_locations.float().contiguous(), attention_weights.float().contiguous())
 
 
 def _coordinates(t):
@@ -53,7 +113,7 @@ def _sizes_xy(shapes, like):
     return _level_table([[w, h] for h, w in shapes], like.dtype, like.device)
 
 
-def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, recompute=False):
     """Attention-weighted sum of values sampled bilinearly at free locations on several feature maps.
 
     value:               [N, S, M, D]  M heads of D channels at the S = sum(H_l * W_l) pixels of all
@@ -67,15 +127,24 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     attention_weights:   [N, Lq, M, L, P]
     Returns [N, Lq, M * D].
 
-    Without gradients (inference, frozen teachers) it runs as one weighted gather
-    (:func:`ms_deform_attn_gather`); with them through ``grid_sample`` (:func:`ms_deform_attn_grid_sample`),
-    whose backward is faster than the gather's. Both give the same values.
+    Where the compiled op is installed for the tensors' device, it runs there. Otherwise, without gradients
+    (inference, frozen teachers), as one weighted gather (:func:`ms_deform_attn_gather`); with them through
+    ``grid_sample`` (:func:`ms_deform_attn_grid_sample`), whose backward is faster than the gather's, and with
+    ``recompute`` under activation checkpointing (autograd keeps the three inputs only). All give the same
+    values and gradients.
     """
     shapes, starts = _int_pairs(spatial_shapes), _ints(level_start_index)
     num_levels = sampling_locations.shape[3]
     if len(shapes) != num_levels:
         raise ValueError(f"ms_deform_attn: {len(shapes)} spatial shapes for {num_levels} sampled levels")
+    op = compiled_op(value.device.type)
+    if op is not None:
+        return ms_deform_attn_compiled(op, value, shapes, starts, sampling_locations, attention_weights)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (value, sampling_locations, attention_weights)):
+        if recompute:
+            return torch.utils.checkpoint.checkpoint(
+                ms_deform_attn_grid_sample, value, shapes, starts, sampling_locations, attention_weights,
+                use_reentrant=False, preserve_rng_state=False)
         return ms_deform_attn_grid_sample(value, shapes, starts, sampling_locations, attention_weights)
     return ms_deform_attn_gather(value, shapes, starts, sampling_locations, attention_weights)
 
@@ -183,7 +252,8 @@ class MSDeformAttn(nn.Module):
     """Each query attends to ``n_points`` locations per head and level, placed around its reference
     point by offsets predicted from the query, with softmax weights also predicted from the query."""
 
-    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4):
+    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, recompute=False):
+        """``recompute``: keep only the sampling's inputs for backward (see :func:`ms_deform_attn`)."""
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"MSDeformAttn: d_model {d_model} is not divisible by n_heads {n_heads}")
@@ -194,6 +264,7 @@ class MSDeformAttn(nn.Module):
         self.n_levels = n_levels
         self.n_heads = n_heads
         self.n_points = n_points
+        self.recompute = recompute
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -232,10 +303,12 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
         logits = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
         # requires_grad of the tensors computed above already says whether autograd is on and reaches them.
-        if any(t.requires_grad for t in (value, offsets, logits, reference_points)):
+        needs_grad = any(t.requires_grad for t in (value, offsets, logits, reference_points))
+        if needs_grad or compiled_op(value.device.type) is not None:
             weights = logits.softmax(-1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
             locations = deform_sampling_locations(reference_points, offsets, input_spatial_shapes, self.n_points)
-            out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
+            out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights,
+                                 recompute=self.recompute)
         else:
             out = self._sample_without_grad(value, offsets, logits, reference_points, input_spatial_shapes,
                                             input_level_start_index)

@@ -68,9 +68,9 @@ def _at_least_float32(x):
 class MSDeformAttnEncoderLayer(nn.Module):
     """Deformable self-attention then a ReLU FFN, each with a residual and a post-LayerNorm."""
 
-    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4):
+    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4, recompute=False):
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, recompute=recompute)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
@@ -103,13 +103,13 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
     """Level embeddings + the deformable encoder over a list of feature maps."""
 
     def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, dim_feedforward=1024, dropout=0.1,
-                 num_feature_levels=4, enc_n_points=4):
+                 num_feature_levels=4, enc_n_points=4, recompute=False):
         super().__init__()
         self.d_model = d_model
         self.nhead = nhead
         self.encoder = MSDeformAttnEncoder(
             num_encoder_layers, d_model=d_model, d_ffn=dim_feedforward, dropout=dropout,
-            n_levels=num_feature_levels, n_heads=nhead, n_points=enc_n_points,
+            n_levels=num_feature_levels, n_heads=nhead, n_points=enc_n_points, recompute=recompute,
         )
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         self._reset_parameters()
@@ -151,6 +151,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         transformer_in_features: List[str],
         common_stride: int,
         transformer_n_points: int = 4,
+        transformer_recompute: bool = False,
     ):
         """
         Args:
@@ -159,6 +160,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             conv_dim: channels of every decoder level; mask_dim: channels of the mask features.
             norm: normalization of the FPN convs (the encoder's input projections always use GroupNorm(32)).
             common_stride: stride of the mask features; FPN levels are added down to it.
+            transformer_recompute: the deformable attention keeps only its inputs for backward and recomputes
+                the sampling there (see ``ms_deform_attn``): less memory, the same gradients.
         """
         super().__init__()
         missing = set(transformer_in_features) - set(input_shape)
@@ -191,6 +194,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             num_encoder_layers=transformer_enc_layers,
             num_feature_levels=self.transformer_num_feature_levels,
             enc_n_points=transformer_n_points,
+            recompute=transformer_recompute,
         )
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
 
@@ -235,6 +239,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "transformer_enc_layers": head.TRANSFORMER_ENC_LAYERS,
             "transformer_in_features": head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES,
             "transformer_n_points": head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
+            "transformer_recompute": head.DEFORMABLE_ATTENTION_RECOMPUTE,
             "common_stride": head.COMMON_STRIDE,
         }
 
