@@ -6,6 +6,8 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.projects.deeplab import add_deeplab_config
 
+from .utils.safe_yaml import load_yaml_file
+
 __all__ = ["add_selftrain_config", "get_selftrain_cfg", "load_config"]
 
 
@@ -55,6 +57,10 @@ def add_selftrain_config(cfg):
     # (times an integer): use it as the window for them when TTA.SCALES holds scales other than 1.0.
     cfg.PSEUDO_LABELS.SLIDING_WINDOW.SIZE = [512, 1024]
     cfg.PSEUDO_LABELS.SLIDING_WINDOW.STRIDE = [384, 768]
+
+    # Ground-truth ids outside the classes and the ignore value in sem_seg evaluation: "error" names the file
+    # and the ids; "ignore" evaluates their pixels as ignore, counts them and warns once.
+    cfg.TEST.INVALID_LABEL_IDS = "error"
 
     # Training loader: unreadable images are skipped and reported instead of stopping the run.
     cfg.DATALOADER.SKIP_UNREADABLE = True
@@ -408,6 +414,60 @@ def _explain(cfg, err, source):
     return type(err)(f"{source}: {msg}")
 
 
+def _base_paths(config_file, base):
+    """The files ``_BASE_`` names, resolved as fvcore's ``load_yaml_with_base`` does (URLs left out)."""
+    bases = base if isinstance(base, list) else [base]
+    if not all(isinstance(b, str) and b for b in bases):
+        raise ValueError(f"config file {config_file}: _BASE_ must be a path or a list of paths, got {base!r}")
+    paths = []
+    for b in bases:
+        b = os.path.expanduser(b) if b.startswith("~") else b
+        if b.startswith(("https://", "http://")):
+            continue
+        paths.append(b if b.startswith("/") else os.path.join(os.path.dirname(config_file), b))
+    return paths
+
+
+def _check_config_files(config_file, chain=()):
+    """Read ``config_file`` and its ``_BASE_`` files with the safe YAML loader: an unsafe tag raises
+    ``UnsafeYAMLError`` naming the file and tag, a ``_BASE_`` cycle a ValueError naming the chain."""
+    real = os.path.realpath(config_file)
+    if real in chain:
+        names = [*chain[chain.index(real):], real]
+        raise ValueError("_BASE_ cycle: " + " -> ".join(names))
+    if not os.path.isfile(config_file):
+        where = f" (the _BASE_ of {chain[-1]})" if chain else ""
+        raise FileNotFoundError(f"config file not found: {config_file}{where}")
+    data = load_yaml_file(config_file)
+    if isinstance(data, dict) and "_BASE_" in data:
+        for path in _base_paths(config_file, data["_BASE_"]):
+            _check_config_files(path, (*chain, real))
+
+
+def _check_fixed_aspp_pool(cfg, source):
+    """Detectron2's DeepLabV3PlusHead pools ASPP with a kernel sized from INPUT.CROP.SIZE and then accepts only
+    inputs whose sides are whole multiples of the crop: refuse the sizes this config is known to give it."""
+    if cfg.MODEL.SEM_SEG_HEAD.NAME != "DeepLabV3PlusHead" or not cfg.INPUT.CROP.ENABLED:
+        return
+    crop = tuple(cfg.INPUT.CROP.SIZE)
+    short = min(crop)
+    problems = []
+    if cfg.INPUT.MIN_SIZE_TEST > 0 and cfg.INPUT.MIN_SIZE_TEST % short:
+        problems.append(f"INPUT.MIN_SIZE_TEST {cfg.INPUT.MIN_SIZE_TEST} (test images' short side) is not a "
+                        f"multiple of {short}")
+    if min(cfg.INPUT.MIN_SIZE_TRAIN) < short:
+        problems.append(f"INPUT.MIN_SIZE_TRAIN {tuple(cfg.INPUT.MIN_SIZE_TRAIN)} resizes training images below the "
+                        "crop, and a batch of such images has other sizes")
+    if cfg.INPUT.CROP_SCHEDULE.ENABLED:
+        problems.append("INPUT.CROP_SCHEDULE trains at other crop sizes")
+    if problems:
+        raise ValueError(
+            f"{source}: MODEL.SEM_SEG_HEAD.NAME DeepLabV3PlusHead (Detectron2's) sizes its ASPP pooling from "
+            f"INPUT.CROP.SIZE {crop} and fails on inputs whose sides are not whole multiples of it, but "
+            + "; ".join(problems) + ". Use MODEL.SEM_SEG_HEAD.NAME DeepLabV3PlusGlobalPoolHead: it pools the whole "
+            "feature map at any size and loads the same weights")
+
+
 def get_selftrain_cfg():
     """Detectron2's default config with selftrain-d2's keys added."""
     return add_selftrain_config(get_cfg())
@@ -415,13 +475,15 @@ def get_selftrain_cfg():
 
 def load_config(config_file=None, opts=()):
     """Default config + ``config_file`` (with ``_BASE_``) + ``KEY VALUE`` overrides, with errors
-    that name the file or option and suggest the nearest known key for a misspelt one."""
+    that name the file or option and suggest the nearest known key for a misspelt one. Every file is read
+    with a safe YAML loader: a tag that would run code is an error naming the file and the tag."""
     cfg = get_selftrain_cfg()
     if config_file:
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"config file not found: {config_file}")
+        _check_config_files(config_file)
         try:
-            cfg.merge_from_file(config_file)
+            # Every file of the chain was just read safely; allow_unsafe=False keeps it so (Detectron2's default
+            # would fall back to yaml.unsafe_load).
+            cfg.merge_from_file(config_file, allow_unsafe=False)
         except (KeyError, ValueError) as e:
             raise _explain(cfg, e, f"config file {config_file}") from None
     if opts:
@@ -429,4 +491,5 @@ def load_config(config_file=None, opts=()):
             cfg.merge_from_list(list(opts))
         except (KeyError, ValueError, AssertionError) as e:
             raise _explain(cfg, e, "command-line options") from None
+    _check_fixed_aspp_pool(cfg, f"config file {config_file}" if config_file else "config")
     return cfg

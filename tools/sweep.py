@@ -800,6 +800,10 @@ def main(argv=None):
         mean, std = _mean_std(row["values"])
         print(f"final {row['stage']}: {sweep.spec['metric']} = {mean:.3f} +- {std:.3f} at seeds {row['seeds']}")
     print(f"results: {os.path.join(sweep.output, 'results.md')}")
+    if not result["rows"]:
+        print(f"sweep {sweep.spec['name']}: no trial finished (every one failed); see the sweep_trial.log files under "
+              f"{os.path.join(sweep.output, 'trials')}", file=sys.stderr)
+        raise SystemExit(1)
     return result
 
 

@@ -6,9 +6,10 @@ registered here, so a new dataset family adds a builder instead of a branch.
 import os
 
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, SemSegEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 
 from .cityscapes import MultiMachineCityscapesInstanceEvaluator, MultiMachineCityscapesSemSegEvaluator
+from .sem_seg import CheckedSemSegEvaluator
 
 __all__ = ["EVALUATOR_BUILDERS", "register_evaluator", "build_evaluator"]
 
@@ -29,7 +30,8 @@ def register_evaluator(evaluator_type):
 
 @register_evaluator("sem_seg")
 def _sem_seg(cfg, dataset_name, output_folder):
-    return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
+    return CheckedSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder,
+                                  invalid_labels=cfg.TEST.INVALID_LABEL_IDS)
 
 
 @register_evaluator("coco")

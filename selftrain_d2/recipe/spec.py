@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from ..utils.safe_yaml import DuplicateKeyError, UnsafeYAMLError, load_yaml_file
+
 __all__ = ["RecipeError", "StageSpec", "Recipe", "load_recipe", "parse_recipe"]
 
 
@@ -50,11 +52,13 @@ def load_recipe(path):
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise RecipeError(f"recipe file not found: {path}")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path} is not valid YAML: {e}") from e
+    try:
+        # unique_keys: two stages of one name would otherwise leave only the last.
+        raw = load_yaml_file(path, unique_keys=True)
+    except (DuplicateKeyError, UnsafeYAMLError) as e:
+        raise RecipeError(str(e)) from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path} is not valid YAML: {e}") from e
     return parse_recipe(raw, path)
 
 
@@ -125,6 +129,10 @@ def parse_recipe(raw, path="<recipe>"):
             raise RecipeError(f"{where}: stage {name!r} must be a mapping with a 'type'")
         pairs.append((str(name), dict(options)))
     pairs = _expand_loops(pairs, raw, where)
+    names = [name for name, _ in pairs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise RecipeError(f"{where}: more than one stage is named {repeated}")
 
     from .stages import STAGE_REGISTRY  # the stage types validate their own options
 

@@ -11,11 +11,14 @@ At test time every mapper only resizes the image (``MIN_SIZE_TEST`` / ``MAX_SIZE
 the labels: Detectron2's evaluators read the ground truth themselves.
 """
 import copy
+import json
+import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as d2_utils
 from detectron2.data import transforms as T
 from detectron2.projects.point_rend import ColorAugSSDTransform
@@ -32,6 +35,7 @@ __all__ = [
     "pad_to_divisibility",
     "sem_seg_to_instances",
     "annotations_to_mask_instances",
+    "MissingSegmentationError",
     "valid_region",
 ]
 
@@ -94,18 +98,60 @@ def valid_region(transforms, source_shape):
     return transforms.apply_segmentation(np.ones(source_shape, np.uint8)) == 1
 
 
-def annotations_to_mask_instances(annotations, transforms, image_shape, valid=None):
+class MissingSegmentationError(KeyError):
+    """A non-crowd annotation without a mask, where a mask-classification model needs one."""
+
+    def __str__(self):  # KeyError would print the message as a quoted repr
+        return str(self.args[0]) if self.args else ""
+
+
+def _maskless_annotations_in_json(record):
+    """``(json_file, annotation ids)`` of the non-crowd annotations without a mask of ``record``'s image, looked up
+    in the registered COCO datasets whose image_root holds the image (Detectron2's loader keeps neither)."""
+    image, image_id = os.path.abspath(record.get("file_name", "")), record.get("image_id")
+    for name in MetadataCatalog.list():
+        meta = MetadataCatalog.get(name)
+        json_file, root = meta.get("json_file", None), meta.get("image_root", None)
+        if not (json_file and root and os.path.isfile(json_file)
+                and image.startswith(os.path.join(os.path.abspath(root), ""))):
+            continue
+        try:
+            with open(json_file) as f:
+                annotations = json.load(f).get("annotations", [])
+        except (OSError, ValueError, AttributeError):
+            continue
+        ids = [a.get("id") for a in annotations
+               if a.get("image_id") == image_id and not a.get("iscrowd", 0) and not a.get("segmentation")]
+        if ids:
+            return json_file, ids
+    return None, []
+
+
+def _missing_segmentation(obj, index, record):
+    where = "" if record is None else f"image {record.get('file_name')} (image_id {record.get('image_id')}): "
+    what = f"annotation id {obj['id']}" if "id" in obj else f"annotation #{index}"
+    if record is not None and "id" not in obj:
+        json_file, ids = _maskless_annotations_in_json(record)
+        if json_file:
+            where = f"{json_file}, {where}"
+            what += f" (ids without a mask in this image: {ids[:10]})"
+    return MissingSegmentationError(
+        f"{where}{what} (category_id {obj.get('category_id')}, bbox {obj.get('bbox')}) has no 'segmentation': "
+        "mask-classification models need a polygon or RLE mask for every annotation that is not iscrowd"
+    )
+
+
+def annotations_to_mask_instances(annotations, transforms, image_shape, valid=None, record=None):
     """Non-crowd annotations, transformed -> Instances with gt_classes, gt_masks (bool [N, H, W]) and
     gt_boxes enclosing the masks; objects left without a pixel (e.g. cropped away) are dropped.
-    ``valid`` (bool HW) clears padding, which transformed RLE masks would otherwise fill."""
+    ``valid`` (bool HW) clears padding, which transformed RLE masks would otherwise fill. ``record`` (the
+    dataset dict) only names the image, its annotation file and the annotation in errors."""
     annos = []
-    for obj in annotations:
+    for index, obj in enumerate(annotations):
         if obj.get("iscrowd", 0):
             continue
         if "segmentation" not in obj:
-            raise KeyError(
-                f"annotation {obj.get('id', '')!r} has no 'segmentation': mask-classification models need masks"
-            )
+            raise _missing_segmentation(obj, index, record)
         obj = dict(obj)
         obj.pop("keypoints", None)
         annos.append(d2_utils.transform_instance_annotations(obj, transforms, image_shape))
@@ -224,7 +270,7 @@ class _InstanceMapperBase:
     def _instances(self, record, image_shape, transforms, valid=None):
         if "annotations" not in record:
             raise KeyError(f"image {record['file_name']} has no 'annotations' to train an instance model on")
-        return annotations_to_mask_instances(record.pop("annotations"), transforms, image_shape, valid)
+        return annotations_to_mask_instances(record.pop("annotations"), transforms, image_shape, valid, record)
 
 
 @MAPPER_REGISTRY.register("mask_former_instance")

@@ -163,7 +163,7 @@ class WeakStrongMapper:
             record["padding_mask"] = torch.as_tensor(np.ascontiguousarray(~valid))
         masks = target_sem_seg = instances = None
         if self.labels == "instances" and annotations is not None:
-            instances = annotations_to_mask_instances(annotations, transforms, weak.shape[:2], valid)
+            instances = annotations_to_mask_instances(annotations, transforms, weak.shape[:2], valid, dataset_dict)
             masks = instances.gt_masks
         if sem_seg is not None:
             target_sem_seg = torch.as_tensor(aug_input.sem_seg.astype("int64"))
