@@ -31,6 +31,14 @@ def add_selftrain_config(cfg):
 
     # Output folders of tools/generate_pseudo_labels.py registered as training datasets: [[NAME, DIR], ...].
     cfg.DATASETS.PSEUDO_LABELS = []
+    # COCO-format instance datasets (Detectron2's register_coco_instances): [[NAME, JSON_FILE, IMAGE_ROOT], ...].
+    cfg.DATASETS.COCO_INSTANCES = []
+    # Image + label-map folders: [[NAME, IMAGE_DIR, LABEL_DIR, CLASSES(, IGNORE_LABEL)]]; CLASSES a list or .txt file.
+    cfg.DATASETS.SEM_SEG = []
+    # Semantic twins of COCO datasets, masks rasterised to ids (0 = background): [[NAME, COCO_NAME(, LABEL_DIR)]].
+    cfg.DATASETS.SEM_SEG_FROM_COCO = []
+    # Held-out labels of an unlabelled dataset (scores pseudo labels): [[DATASET, LABELED_DATASET or LABEL_DIR]].
+    cfg.DATASETS.HELDOUT = []
 
     # Offline pseudo labelling by a teacher (tools/generate_pseudo_labels.py, selftrain_d2.pseudo_labels).
     cfg.PSEUDO_LABELS = CN()
@@ -176,6 +184,8 @@ def add_selftrain_config(cfg):
     # Trainer class run by tools/train_net.py, by name in selftrain_d2.engine.TRAINER_REGISTRY
     # ("Trainer": supervised; "SemiSupervisedTrainer": guided distillation with an EMA teacher).
     cfg.SELFTRAIN.TRAINER = "Trainer"
+    # Python modules (names or .py files) imported in every process before datasets are registered.
+    cfg.SELFTRAIN.IMPORTS = []
     _add_semisup_keys(cfg)
     return cfg
 

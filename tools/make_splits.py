@@ -73,8 +73,13 @@ def main(argv=None):
 
     from selftrain_d2.data.datasets.checked_builtin import add_path_checks
     from selftrain_d2.data.datasets.image_folder import register_image_folder
-    from selftrain_d2.data.datasets.splits import format_percent, make_split, split_file_name, write_split_file
-    from selftrain_d2.data.records import image_key
+    from selftrain_d2.data.datasets.splits import (
+        format_percent,
+        make_split,
+        split_file_name,
+        split_keys,
+        write_split_file,
+    )
 
     if args.coco_json:
         from detectron2.data.datasets import register_coco_instances
@@ -95,7 +100,10 @@ def main(argv=None):
         records = DatasetCatalog.get(args.dataset)
     except (FileNotFoundError, ValueError) as e:  # missing data, bad split file: the message says it all
         sys.exit(f"make_splits: {e}")
-    ids = [image_key(r) for r in records]
+    try:
+        ids = split_keys(records, args.dataset)
+    except ValueError as e:
+        sys.exit(f"make_splits: {e}")
     out_dir = os.path.join(args.output_dir, args.dataset)
     if args.n_shot is not None:
         return _write_n_shot(args, records, out_dir)

@@ -20,6 +20,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..data.build import SeededTrainStream, build_test_loader, build_train_loader
 from ..evaluation import build_evaluator
+from ..evaluation.label_statistics import log_training_set
 from ..modeling import apply_memory_format
 from ..solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
 from ..utils.io import atomic_write_json
@@ -50,6 +51,9 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg, seed=self.run_seed)
+        records = getattr(getattr(data_loader, "dataset", None), "dataset", None)
+        if comm.is_main_process() and isinstance(records, list):
+            log_training_set(cfg, records)  # size and class shares: a class without labels shows here
         # A crop-size schedule fixes the iteration count: the images of the constant schedule, in
         # batches that grow as the crop shrinks.
         self.crop_table = getattr(getattr(data_loader, "dataset", None), "table", None)

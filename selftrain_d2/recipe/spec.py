@@ -12,6 +12,19 @@ student, evaluate ...), read from YAML and checked before anything runs.
 
 Paths to configs are relative to the recipe file. Stage options that name other stages must name earlier
 ones, so the order in the file is the order of execution.
+
+The data can be described once, at the top, for every stage:
+
+    datasets:         # the DATASETS registration keys of the config (see datasets/README.md)
+      COCO_INSTANCES: [[my_train, data/train.json, data/images]]
+      SEM_SEG_FROM_COCO: [[my_train_sem_seg, my_train]]
+    imports: [my_registrations.py, my_package.datasets]   # imported in every stage process
+
+Each ``datasets`` key is added to the same key of every training stage's config (after the config's own
+entries), paths relative to the recipe file. ``datasets`` may also name a YAML file holding that mapping
+(relative to the recipe; paths in it relative to itself), so several recipes share one description.
+``imports`` is added to ``SELFTRAIN.IMPORTS`` likewise (module names, or ``.py`` files relative to the recipe
+file). Pseudo-label and evaluation stages run on the config their model was trained with, so they see both.
 """
 import copy
 import os
@@ -40,12 +53,32 @@ class Recipe:
     name: str
     stages: list  # [StageSpec], in execution order
     path: str = ""  # the recipe file; configs are resolved relative to its folder
+    datasets: dict = field(default_factory=dict)  # DATASETS key -> entries (paths absolute), for every stage
+    imports: list = field(default_factory=list)  # SELFTRAIN.IMPORTS for every stage (files absolute)
 
     def stage(self, name):
         for s in self.stages:
             if s.name == name:
                 return s
         raise KeyError(name)
+
+    def data_opts(self, config_file=None, opts=()):
+        """``KEY VALUE`` overrides that add the recipe's ``datasets`` and ``imports`` to the config
+        ``config_file`` with ``opts`` (entries it has already are not repeated)."""
+        if not self.datasets and not self.imports:
+            return []
+        from ..config import load_config
+
+        cfg = load_config(config_file, list(opts))
+        out = []
+        for key, entries in self.datasets.items():
+            merged = [list(e) for e in cfg.DATASETS.get(key, [])]
+            merged += [e for e in entries if e not in merged]
+            out += [f"DATASETS.{key}", repr(merged)]
+        if self.imports:
+            merged = list(cfg.SELFTRAIN.IMPORTS)
+            out += ["SELFTRAIN.IMPORTS", repr(merged + [m for m in self.imports if m not in merged])]
+        return out
 
 
 def load_recipe(path):
@@ -117,9 +150,11 @@ def parse_recipe(raw, path="<recipe>"):
     where = path
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a recipe is a mapping with 'name' and 'stages', got {type(raw).__name__}")
-    unknown = set(raw) - {"name", "stages", "loops", "loop", "report"}
+    known = ("name", "stages", "loops", "loop", "report", "datasets", "imports")
+    unknown = set(raw) - set(known)
     if unknown:
-        raise RecipeError(f"{where}: unknown top-level keys {sorted(unknown)} (known: name, stages, loops, loop, report)")
+        raise RecipeError(f"{where}: unknown top-level keys {sorted(unknown)} (known: {', '.join(known)})")
+    datasets, imports = _parse_data(raw, path)
     stages = raw.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise RecipeError(f"{where}: 'stages' must be a non-empty mapping of stage name -> options")
@@ -154,4 +189,45 @@ def parse_recipe(raw, path="<recipe>"):
         STAGE_REGISTRY.get(stage_type).check_options(name, options, where)
         specs.append(StageSpec(name, stage_type, options))
         seen.append(name)
-    return Recipe(name=str(raw.get("name", os.path.splitext(os.path.basename(path))[0])), stages=specs, path=path)
+    return Recipe(name=str(raw.get("name", os.path.splitext(os.path.basename(path))[0])), stages=specs, path=path,
+                  datasets=datasets, imports=imports)
+
+
+def _parse_data(raw, path):
+    """The recipe's ``datasets`` (checked like the config keys, paths made absolute from the recipe's folder)
+    and ``imports``."""
+    from ..data.datasets.register import DATASET_KEYS, check_entries, resolve_entry_paths
+
+    base = os.path.dirname(os.path.abspath(path)) if path and not path.startswith("<") else os.getcwd()
+    block, data_base, where = raw.get("datasets") or {}, base, f"{path}: datasets"
+    allowed = [k for k in DATASET_KEYS if k != "PSEUDO_LABELS"]  # pseudo labels come from the stages
+    if isinstance(block, str):  # a file holding the mapping, shared by several recipes
+        data_file = os.path.join(base, os.path.expanduser(block))
+        if not os.path.isfile(data_file):
+            raise RecipeError(f"{where}: {block} is not a file (absolute: {data_file})")
+        with open(data_file) as f:
+            try:
+                block = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise RecipeError(f"{where}: {data_file} is not valid YAML: {e}") from None
+        data_base, where = os.path.dirname(data_file), data_file
+    if not isinstance(block, dict):
+        raise RecipeError(f"{where} must be a mapping of DATASETS keys ({', '.join(allowed)}) to lists, or a file "
+                          "holding one")
+    datasets = {}
+    for key, value in block.items():
+        if key not in allowed:
+            raise RecipeError(f"{where}: unknown key {key!r} (known: {', '.join(allowed)})")
+        try:
+            entries = check_entries(key, value, where=where)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+        datasets[key] = [resolve_entry_paths(key, e, data_base) for e in entries]
+    imports = raw.get("imports") or []
+    if not isinstance(imports, list) or not all(isinstance(m, str) and m.strip() for m in imports):
+        raise RecipeError(f"{path}: 'imports' must be a list of module names or .py files, got {imports!r}")
+    imports = [os.path.join(base, os.path.expanduser(m)) if m.endswith(".py") else m for m in imports]
+    missing = [m for m in imports if m.endswith(".py") and not os.path.isfile(m)]
+    if missing:
+        raise RecipeError(f"{path}: imports: {missing} not found (.py files are relative to the recipe file)")
+    return datasets, imports

@@ -195,14 +195,16 @@ class TrainStage(Stage):
 
     def fingerprint(self):
         config = self.ctx.config_path(self.options["config"])
-        return {"config": config_delta(config, self.opts + self.ctx.opts)}
+        opts = self.opts + self.ctx.opts
+        return {"config": config_delta(config, opts + self.ctx.recipe.data_opts(config, opts))}
 
     def run(self, out_dir, resume):
         config = self.ctx.config_path(self.options["config"])
         cmd = [self.ctx.python, tool_path("train_net.py"), "--config-file", config, *self.ctx.launch_args()]
         if resume:
             cmd.append("--resume")
-        cmd += ["OUTPUT_DIR", out_dir] + self._derived_opts() + self.opts + self.ctx.opts
+        opts = self.opts + self.ctx.opts
+        cmd += ["OUTPUT_DIR", out_dir] + self._derived_opts() + opts + self.ctx.recipe.data_opts(config, opts)
         _run(cmd, f"stage {self.spec.name!r} (train)")
 
     def collect(self, out_dir):

@@ -1,7 +1,8 @@
 """Label-fraction splits: choose a reproducible subset of a dataset's images and register it.
 
 A split file is plain text, one image id per line (the id :func:`selftrain_d2.data.records.image_key` gives a
-dataset dict), after optional ``# key: value`` header lines::
+dataset dict; where those repeat within a dataset, the file name, see :func:`split_keys`), after optional
+``# key: value`` header lines::
 
     # dataset: coco_2017_train
     # percent: 1
@@ -44,6 +45,7 @@ __all__ = [
     "register_split",
     "split_count",
     "split_file_name",
+    "split_keys",
     "write_split_file",
 ]
 
@@ -164,6 +166,31 @@ def read_split_file(path):
     return ids
 
 
+def _repeated(keys):
+    seen = set()
+    return [k for k in keys if k in seen or seen.add(k)]
+
+
+def split_keys(records, dataset="<dataset>"):
+    """The id of each record in split files: :func:`image_key`, unless two records share one (datasets
+    made of several COCO files that each number their images from 1); then every record is keyed by its
+    file name: the path relative to the folder all images share, without extension (``survey2/tile_007``).
+    Raises ValueError when file names repeat too."""
+    keys = [image_key(r) for r in records]
+    if not _repeated(keys):
+        return keys
+    paths = [os.path.splitext(os.path.abspath(r["file_name"]))[0] for r in records]
+    root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+    by_file = [os.path.relpath(p, root).replace(os.sep, "/") for p in paths]
+    dups = _repeated(by_file)
+    if dups:
+        raise ValueError(
+            f"Dataset {dataset!r} has images whose id repeats another's (e.g. {_repeated(keys)[:5]}) and whose "
+            f"file names repeat too (e.g. {dups[:5]}), so split files cannot tell them apart."
+        )
+    return by_file
+
+
 def _strip_labels(record):
     return {k: v for k, v in record.items() if k not in LABEL_KEYS}
 
@@ -183,15 +210,8 @@ def _load_split(new_name, base_name, split_file, labeled):
     if not wanted:
         raise ValueError(f"Split file {split_file} lists no image ids.")
     records = DatasetCatalog.get(base_name)
-    keys = [image_key(r) for r in records]
+    keys = split_keys(records, base_name)
     known = set(keys)
-    if len(known) != len(keys):
-        seen = set()
-        dups = [k for k in keys if k in seen or seen.add(k)]
-        raise ValueError(
-            f"Dataset {base_name!r} has {len(dups)} images whose id repeats another's (e.g. {dups[:5]}), "
-            f"so split file {split_file} cannot tell them apart."
-        )
     unknown = [i for i in wanted if i not in known]
     if unknown:
         made_for = read_split_header(split_file).get("dataset")
