@@ -177,6 +177,20 @@ def test_coco_twin_rasterises_objects_crowds_and_background(tmp_path, new_name):
     assert label[3, 3] == 2 and label[7, 8] == 0
 
 
+def test_coco_twin_label_maps_go_under_the_prepared_root_by_default(tmp_path, new_name, monkeypatch):
+    monkeypatch.setenv("SELFTRAIN_PREPARED_ROOT", str(tmp_path / "prepared"))
+    paths, image_root = _shapes(tmp_path, counts=(2, 1, 1))
+    coco, twin = new_name("coco"), new_name("twin")
+    register_from_cfg(_cfg("DATASETS.COCO_INSTANCES", repr([[coco, paths["train"], image_root]]),
+                           "DATASETS.SEM_SEG_FROM_COCO", repr([[twin, coco]])))
+    root = MetadataCatalog.get(twin).sem_seg_root
+    assert root.startswith(str(tmp_path / "prepared" / "sem_seg_from_coco" / f"{twin}-"))
+    assert [os.path.relpath(r["sem_seg_file_name"], root) for r in DatasetCatalog.get(twin)] == [
+        "train_0000.png", "train_0001.png"]
+    with pytest.raises(KeyError, match="COCO dataset 'no_such_coco' is not registered"):
+        register_from_cfg(_cfg("DATASETS.SEM_SEG_FROM_COCO", repr([[new_name("twin"), "no_such_coco"]])))
+
+
 def test_names_collide_loudly(tmp_path, new_name):
     paths, image_root = _shapes(tmp_path, counts=(2, 1, 1))
     name = new_name("coco")
