@@ -21,7 +21,7 @@ from selftrain_d2.modeling.losses import (
     dice_loss,
     sigmoid_ce_loss,
 )
-from selftrain_d2.modeling.matcher import HungarianMatcher
+from selftrain_d2.modeling.matcher import HungarianMatcher, check_target_labels
 
 # Two masks of five points each, with logits on both sides of 0 and soft and hard targets.
 X = np.array([[2.0, -1.0, 0.5, 0.0, -3.0], [-0.5, 1.5, 4.0, -2.0, 0.25]])
@@ -256,8 +256,13 @@ def test_matcher_rejects_non_finite_costs():
 def test_matcher_rejects_bad_targets_and_settings():
     gen = torch.Generator().manual_seed(5)
     outputs, targets = random_case(gen, 1, 3, 2, 4, 4, [2])
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
-        dense_matcher(4, 4)(outputs, [{"labels": torch.tensor([0, 2]), "masks": targets[0]["masks"]}])
+    bad_labels = [{"labels": torch.tensor([0, 2]), "masks": targets[0]["masks"]}]
+    # Checked once per step by the criterion (one host read for the batch), not in every layer's matching.
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\).*min 0 max 2"):
+        dense_criterion(dense_matcher(4, 4), 2, 4, 4)(outputs, bad_labels)
+    with pytest.raises(ValueError, match=r"min -1 max 1"):
+        check_target_labels([targets[0], {"labels": torch.tensor([-1]), "masks": targets[0]["masks"][:1]}], 2)
+    check_target_labels([{"labels": torch.zeros(0, dtype=torch.int64), "masks": targets[0]["masks"][:0]}], 2)
     with pytest.raises(ValueError, match="labels \\[N\\] and masks"):
         dense_matcher(4, 4)(outputs, [{"labels": torch.tensor([0]), "masks": targets[0]["masks"]}])
     with pytest.raises(ValueError, match="cannot all be 0"):

@@ -213,3 +213,26 @@ def test_mask2former_head_reads_nothing_on_the_host(host_traffic):
     with torch.no_grad():
         head(features)
     assert host_traffic == []
+
+
+def test_mask2former_training_step_stays_within_its_host_read_budget(host_traffic):
+    """A whole training step (forward with the set criterion, backward) of the COCO R50 config, 2 images,
+    10 decoder outputs matched: the Hungarian solver's copy of each cost to the host (cpu + numpy per image
+    and layer, as the reference), one check of the target labels and the mask count; nothing per layer else."""
+    _, model = _build(COCO_INSTANCE, "cpu")
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    inputs = []
+    for _ in range(2):
+        instances = Instances((128, 128))
+        instances.gt_classes = torch.randint(0, 80, (3,), generator=g)
+        instances.gt_masks = BitMasks(torch.rand(3, 128, 128, generator=g) > 0.5)
+        inputs.append({"image": torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8, generator=g),
+                       "instances": instances})
+    host_traffic.clear()
+    losses = model(inputs)
+    sum(losses.values()).backward()
+    reads = [name for name in host_traffic if name in HOST_READS]
+    images, layers = 2, 10
+    assert reads.count("cpu") == reads.count("numpy") == images * layers
+    assert len(reads) <= 2 * images * layers + 2, sorted(set(reads))

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..utils.precision import autocast_off
 from .losses import calculate_uncertainty, dice_loss, sigmoid_ce_loss
+from .matcher import check_target_labels
 
 __all__ = [
     "SetCriterion",
@@ -145,6 +146,7 @@ class SetCriterion(nn.Module):
         """outputs: {"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H, W], optional "aux_outputs":
         list of such dicts}; targets: list of B dicts {"labels": int64 [N], "masks": [N, H', W']}."""
         final = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        check_target_labels(targets, self.num_classes)  # once for all layers' matching
         num_masks = average_num_masks(targets, outputs["pred_logits"].device)
         # Boolean masks become float once here rather than in every layer's matching and mask loss.
         targets = [t if t["masks"].dtype == torch.float32 else {**t, "masks": t["masks"].float()} for t in targets]
