@@ -118,6 +118,17 @@ def test_sem_seg_folder_with_images_and_labels_in_one_folder(tmp_path, new_name)
         ("a", "a_mask.png"), ("b", "b_label.png")]
 
 
+def test_sem_seg_ignore_label_must_match_the_model_ignore_value(tmp_path, new_name):
+    name = new_name("ign")
+    entry = [name, str(tmp_path), str(tmp_path), ["a", "b"], 250]
+    register_from_cfg(_cfg("DATASETS.SEM_SEG", repr([entry])))  # not used by this config: fine
+    with pytest.raises(ValueError, match=r"SEM_SEG\[0\].*IGNORE_LABEL 250.*IGNORE_VALUE is 255.*IGNORE_VALUE 250"):
+        register_from_cfg(_cfg("DATASETS.SEM_SEG", repr([entry]), "DATASETS.TRAIN", f"('{name}',)"))
+    register_from_cfg(_cfg("DATASETS.SEM_SEG", repr([entry]), "DATASETS.TRAIN", f"('{name}',)",
+                           "MODEL.SEM_SEG_HEAD.IGNORE_VALUE", "250"))
+    assert MetadataCatalog.get(name).ignore_label == 250
+
+
 @pytest.mark.parametrize("entry,match", [
     (["n", "i", "g", []], "non-empty names"),
     (["n", "i", "g", ["a", "a"]], r"names \['a'\] more than once"),

@@ -18,6 +18,7 @@ __all__ = [
     "check_entries",
     "expand_path",
     "import_modules",
+    "is_path_like",
     "register_from_cfg",
     "register_once",
     "register_once_by",
@@ -194,6 +195,21 @@ def import_modules(modules, where="SELFTRAIN.IMPORTS"):
     return imported
 
 
+def _check_ignore_label(cfg, entry, index):
+    """A SEM_SEG dataset used by this config must mark unlabelled pixels with the ignore value that the
+    mappers and the loss use."""
+    if len(entry) < 5:
+        return
+    model = cfg.get("MODEL", None) if hasattr(cfg, "get") else None
+    ignore = model.SEM_SEG_HEAD.get("IGNORE_VALUE", None) if model is not None and "SEM_SEG_HEAD" in model else None
+    used = [n for key in ("TRAIN", "TEST", "TRAIN_UNLABELED") for n in cfg.DATASETS.get(key, ())]
+    if ignore is not None and entry[0] in used and entry[4] != ignore:
+        raise ValueError(
+            f"cfg.DATASETS.SEM_SEG[{index}]: {entry[0]!r} marks unlabelled pixels with IGNORE_LABEL {entry[4]}, but "
+            f"MODEL.SEM_SEG_HEAD.IGNORE_VALUE is {ignore}: set MODEL.SEM_SEG_HEAD.IGNORE_VALUE {entry[4]}"
+        )
+
+
 def register_from_cfg(cfg):
     """Import ``cfg.SELFTRAIN.IMPORTS``, then register every dataset of the ``cfg.DATASETS`` keys of
     :data:`DATASET_KEYS` (in the order of the module docstring); returns their names.
@@ -218,6 +234,7 @@ def register_from_cfg(cfg):
         names.append(register_coco_instances_once(name, json_file, image_root))
     for i, entry in enumerate(entries["SEM_SEG"]):
         names.append(register_sem_seg_folder(*entry, where=f"cfg.DATASETS.SEM_SEG[{i}]"))
+        _check_ignore_label(cfg, entry, i)
     if entries["PSEUDO_LABELS"]:
         from ...pseudo_labels.generate import register_pseudo_label_dataset
 
