@@ -13,9 +13,8 @@ The trainer class is ``SELFTRAIN.TRAINER`` (e.g. ``SemiSupervisedTrainer`` for g
 """
 import sys
 
-from detectron2.checkpoint import DetectionCheckpointer
-
 from selftrain_d2.engine import build_trainer_class, default_argument_parser, launch_from_args, setup, write_results
+from selftrain_d2.engine.checkpoint import Checkpointer
 from selftrain_d2.engine.launch import LaunchError
 
 
@@ -28,7 +27,7 @@ def main(args):
             results = trainer_cls.eval_only(cfg, resume=args.resume)
         else:
             model = trainer_cls.build_model(cfg)
-            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
             results = trainer_cls.test(cfg, model)
         write_results(cfg.OUTPUT_DIR, results, name="eval_metrics.json")
         return results

@@ -20,13 +20,13 @@ import os
 
 import torch
 import torch.nn.functional as F
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList
 from torch import nn
 
 from ..utils.precision import autocast_off
+from ..utils.safe_load import SafeCheckpointer
 from .losses import KDInputs, build_kd_losses
 from .taps import FeatureTaps, make_adapters, probe_channels
 
@@ -91,7 +91,7 @@ def build_teacher(cfg):
     if t.WEIGHTS:
         if "://" not in t.WEIGHTS and not os.path.isfile(t.WEIGHTS):
             raise FileNotFoundError(f"DISTILL.TEACHER.WEIGHTS: checkpoint not found: {t.WEIGHTS}")
-        DetectionCheckpointer(teacher).load(t.WEIGHTS)
+        SafeCheckpointer(teacher).load(t.WEIGHTS)
     else:
         logger.warning("DISTILL.TEACHER.WEIGHTS is empty: the teacher keeps its initial weights")
     teacher.eval()

@@ -1,4 +1,17 @@
-"""Loading a checkpoint trained on other classes: the class-sized rows are remapped by class name.
+"""The trainer's checkpointer: safe loading, atomic saving, verified resume, and class transfer.
+
+:class:`Checkpointer` is Detectron2's ``DetectionCheckpointer`` (through
+:class:`~selftrain_d2.utils.safe_load.SafeCheckpointer`: no code runs while loading) with
+
+- every checkpoint and ``last_checkpoint`` written to a temporary file, fsync'ed and renamed, so a kill
+  leaves the previous file or none, never a truncated one;
+- ``resume_or_load(resume=True)`` that loads the checkpoint ``last_checkpoint`` names if it loads, and
+  otherwise the newest ``.pth`` of the folder that does, saying so (an empty, broken or stale
+  ``last_checkpoint`` included);
+- :meth:`Checkpointer.ensure_loadable`, with which a run resumed at its last iteration rewrites a missing
+  or broken ``model_final.pth`` from the restored state.
+
+Loading a checkpoint trained on other classes: the class-sized rows are remapped by class name.
 
 Cross-domain finetuning (the paper's section 3.4) starts from a model trained on the source classes and
 finetunes on a few target labels whose class set differs. The head is built for the target classes; this
@@ -8,20 +21,133 @@ module carries over what the two class lists share:
   counterpart has ``len(target)`` rows (or ``+1`` each: a trailing no-object row, as in Mask2Former's
   ``class_embed``) is rebuilt in the target order; a target class found among the source classes gets its
   row, a new class keeps the model's fresh initialisation, the no-object row is copied.
-- :class:`ClassTransferCheckpointer`: a ``DetectionCheckpointer`` that applies it when loading
+- :class:`ClassTransferCheckpointer`: a :class:`Checkpointer` that applies it when loading
   ``MODEL.WEIGHTS`` for a new run, never when resuming the run's own checkpoint.
 
 Class names are matched ignoring letter case and surrounding spaces ("Car" is "car").
 """
 import logging
+import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 
-__all__ = ["ClassTransferCheckpointer", "build_checkpointer", "target_classes_of", "transfer_class_weights"]
+from ..utils.io import atomic_write, atomic_write_text, remove_temporaries
+from ..utils.safe_load import SafeCheckpointer, WeightsFileError, load_torch_weights, weights_file_problem
+
+__all__ = [
+    "Checkpointer",
+    "ClassTransferCheckpointer",
+    "NoLoadableCheckpointError",
+    "build_checkpointer",
+    "target_classes_of",
+    "transfer_class_weights",
+]
 
 logger = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last_checkpoint"
+
+
+class NoLoadableCheckpointError(WeightsFileError):
+    """``--resume`` found ``last_checkpoint`` but no checkpoint in the folder that loads."""
+
+
+class Checkpointer(SafeCheckpointer):
+    """``DetectionCheckpointer`` that saves atomically and resumes from a checkpoint that loads (see the
+    module docstring). Saving costs one fsync of the file and one of the folder per checkpoint."""
+
+    def __init__(self, model, save_dir="", **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self._preloaded = None  # (path, data) read while choosing the checkpoint to resume
+
+    def save(self, name, **kwargs):
+        # fvcore's Checkpointer.save, writing through atomic_write instead of into the final name.
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {path}")
+        with atomic_write(path) as f:
+            torch.save(data, f)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        atomic_write_text(os.path.join(self.save_dir, LAST_CHECKPOINT), last_filename_basename)
+
+    def resume_or_load(self, path, *, resume=True):
+        if not (resume and self.has_checkpoint()):
+            return super().resume_or_load(path, resume=False)
+        return self.resume()[1]
+
+    def resume(self, checkpointables=None):
+        """Load the checkpoint :meth:`resumable_checkpoint` chooses (read once); returns its path and what
+        :meth:`load` returns (the checkpoint's entries no checkpointable took)."""
+        self._preloaded = self.resumable_checkpoint()
+        try:
+            return self._preloaded[0], self.load(self._preloaded[0], checkpointables=checkpointables)
+        finally:
+            self._preloaded = None
+
+    def remove_interrupted_saves(self):
+        """Remove the temporary files (checkpoint-sized) of saves that were killed; only for the run that
+        is about to write into ``save_dir``, as a live run's save in progress would lose its file."""
+        if self.save_dir and self.save_to_disk:
+            for tmp in remove_temporaries(self.save_dir, "*.pth") + remove_temporaries(self.save_dir, LAST_CHECKPOINT):
+                logger.info(f"Removed {tmp}, left by a save that was interrupted")
+
+    def resumable_checkpoint(self):
+        """``(path, data)`` of the checkpoint to resume from: the one ``last_checkpoint`` names if it loads,
+        else the newest ``.pth`` of ``save_dir`` (by modification time) that does, with a warning. Raises
+        :class:`NoLoadableCheckpointError` naming every file tried when none loads."""
+        tag = os.path.join(self.save_dir, LAST_CHECKPOINT)
+        named = self.get_checkpoint_file()
+        if not os.path.basename(named):
+            named = None
+        others = sorted((p for p in self.get_all_checkpoint_files() if p != named), key=_mtime, reverse=True)
+        failures = []
+        for candidate in ([named] if named else []) + others:
+            try:
+                data = load_torch_weights(candidate)
+            except WeightsFileError as e:
+                failures.append(str(e))
+                continue
+            if failures or not named:
+                logger.warning(
+                    "--resume: " + (f"{tag} is empty" if not named else f"{tag} names {named}, which does not load")
+                    + (f" ({'; '.join(failures)})" if failures else "")
+                    + f"; resuming from {candidate}, the newest checkpoint in {self.save_dir} that loads")
+            return candidate, data
+        raise NoLoadableCheckpointError(
+            f"--resume: {tag} exists but no checkpoint in {self.save_dir} loads ("
+            + ("; ".join(failures) or "there is none")
+            + f"). Remove {tag} to start the run afresh from MODEL.WEIGHTS")
+
+    def _torch_load(self, f):
+        if self._preloaded is not None and os.path.abspath(f) == os.path.abspath(self._preloaded[0]):
+            return self._preloaded[1]
+        return super()._torch_load(f)
+
+    def ensure_loadable(self, name, **extra):
+        """Save ``<name>.pth`` (with ``extra``, as :meth:`save`) from the current state unless ``save_dir``
+        holds one that loads: a resumed run at its last iteration repairs a final checkpoint whose write was
+        killed. Only where this checkpointer saves (the main process)."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        problem = weights_file_problem(os.path.join(self.save_dir, f"{name}.pth"))
+        if problem is not None:
+            logger.warning(f"{problem}: writing it again from the restored state")
+            self.save(name, **extra)
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        return -1
 
 
 def _normalise(name):
@@ -104,11 +230,11 @@ def target_classes_of(dataset_name):
     return list(classes)
 
 
-class ClassTransferCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that remaps class rows from ``source_classes`` to ``target_classes`` when it
+class ClassTransferCheckpointer(Checkpointer):
+    """:class:`Checkpointer` that remaps class rows from ``source_classes`` to ``target_classes`` when it
     loads weights for a new run (:meth:`resume_or_load` with nothing to resume, or :meth:`load`). Resuming the
     run's own last checkpoint loads it unchanged. With empty ``source_classes`` it is a plain
-    ``DetectionCheckpointer``. The last remapping is kept in ``transfer_report``."""
+    ``Checkpointer``. The last remapping is kept in ``transfer_report``."""
 
     def __init__(self, model, save_dir="", *, source_classes=(), target_classes=(), **kwargs):
         super().__init__(model, save_dir, **kwargs)
@@ -151,10 +277,10 @@ class ClassTransferCheckpointer(DetectionCheckpointer):
 
 def build_checkpointer(cfg, model, save_dir, **checkpointables):
     """The trainer's checkpointer: class transfer from ``MODEL.CLASS_TRANSFER.SOURCE_CLASSES`` to the classes of
-    ``DATASETS.TRAIN[0]`` when the former is set, else a plain ``DetectionCheckpointer``."""
+    ``DATASETS.TRAIN[0]`` when the former is set, else a plain :class:`Checkpointer`."""
     source = list(cfg.MODEL.CLASS_TRANSFER.SOURCE_CLASSES)
     if not source:
-        return DetectionCheckpointer(model, save_dir, **checkpointables)
+        return Checkpointer(model, save_dir, **checkpointables)
     if not cfg.DATASETS.TRAIN:
         raise ValueError("MODEL.CLASS_TRANSFER.SOURCE_CLASSES is set but DATASETS.TRAIN is empty: no target classes")
     target = target_classes_of(cfg.DATASETS.TRAIN[0])

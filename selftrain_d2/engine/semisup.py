@@ -22,7 +22,6 @@ import os
 import numpy as np
 import torch
 import torch.utils.data as torchdata
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import get_detection_dataset_dicts
 from detectron2.engine import HookBase, hooks
 from detectron2.structures import Instances
@@ -33,6 +32,8 @@ from ..data.build import SeededTrainStream, mix_seed
 from ..data.mappers import MAPPER_REGISTRY
 from ..modeling import build_model
 from ..teacher import FrozenTeacher, PseudoLabeler, copy_weights_, ema_update_
+from ..utils.safe_load import SafeCheckpointer
+from .checkpoint import Checkpointer
 from .ddp import unwrap_ddp
 from .train_step import TrainStep
 from .trainer import Trainer
@@ -279,7 +280,7 @@ class SemiSupervisedTrainer(Trainer):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"SEMISUP.TEACHER.WEIGHTS: no checkpoint at {path}")
         logger.info(f"Loading the burn-in teacher from {path}")
-        DetectionCheckpointer(guide.model).load(path, checkpointables=[])
+        SafeCheckpointer(guide.model).load(path, checkpointables=[])
         guide.model.eval()
 
     def resume_or_load(self, resume=True):
@@ -299,11 +300,15 @@ class SemiSupervisedTrainer(Trainer):
         which = _eval_model_choice(cfg)
         student = cls.build_model(cfg)
         teacher = FrozenTeacher(build_model(cfg))
-        checkpointer = DetectionCheckpointer(student, save_dir=cfg.OUTPUT_DIR)
-        path = checkpointer.get_checkpoint_file() if resume and checkpointer.has_checkpoint() else cfg.MODEL.WEIGHTS
-        if not path:
-            raise ValueError("--eval-only of SemiSupervisedTrainer needs MODEL.WEIGHTS (a checkpoint of the run) or --resume")
-        rest = checkpointer.load(path, checkpointables=[])  # the student; returns the checkpoint's other entries
+        checkpointer = Checkpointer(student, save_dir=cfg.OUTPUT_DIR)
+        # The student; the checkpoint's other entries are returned.
+        if resume and checkpointer.has_checkpoint():
+            path, rest = checkpointer.resume(checkpointables=[])
+        elif cfg.MODEL.WEIGHTS:
+            path, rest = cfg.MODEL.WEIGHTS, checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[])
+        else:
+            raise ValueError("--eval-only of SemiSupervisedTrainer needs MODEL.WEIGHTS (a checkpoint of the run) or "
+                             "--resume")
         if "teacher" in rest:
             teacher.load_state_dict(rest["teacher"])
         elif which != "STUDENT":

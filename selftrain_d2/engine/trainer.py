@@ -85,7 +85,13 @@ class Trainer(DefaultTrainer):
         return hooks
 
     def resume_or_load(self, resume=True):
+        if resume:
+            self.checkpointer.remove_interrupted_saves()
         super().resume_or_load(resume=resume)
+        if resume and self.start_iter >= self.max_iter:
+            # Nothing is left to train, so no hook writes the final checkpoint again: one whose write was
+            # killed (or that was removed) is written from the restored state, which is the final state.
+            self.checkpointer.ensure_loadable("model_final", iteration=self.iter)
         # The checkpoint may carry the run seed (StepSeeder state): the data stream follows it.
         seeder = next((h for h in self._hooks if isinstance(h, StepSeeder)), None)
         if seeder is not None:
