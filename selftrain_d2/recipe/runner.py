@@ -4,7 +4,13 @@ A stage is done when ``OUTPUT/<stage>/stage.json`` holds the hash of its fingerp
 the stages it uses. A stage that was started with the same hash and killed is resumed (training from its
 last checkpoint, labelling from its progress records); one started with another hash (the config or an
 upstream stage changed) is moved aside to ``<stage>.stale-<hash>`` and run afresh, so nothing is lost.
-``summary.json`` maps every stage that evaluated a model to its Detectron2 evaluator results.
+``summary.json`` maps every stage that evaluated a model to its Detectron2 evaluator results. A stage is
+recorded done only when its results are complete (a training's ``model_final.pth`` loads); a stage recorded
+done whose results are not is resumed.
+
+One run at a time per output folder: ``OUTPUT/.recipe.lock`` is held by the recipe and by every stage process
+it starts. A run started while the stage processes of a killed one still live waits for them to end (up to
+``ORPHAN_WAIT_S``), then refuses, naming them.
 
 Across machines, every machine runs the recipe with its own ``machine_rank`` on one output folder that all
 of them see (a shared filesystem: checkpoints, pseudo labels and indexes are written by rank 0 and read by
@@ -20,11 +26,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, fsync_dir, pid_alive
 from .spec import RecipeError
-from .stages import STAGE_REGISTRY, RecipeContext
+from .stages import OUTPUT_LOCK, STAGE_REGISTRY, RecipeContext
 
 __all__ = ["run_recipe", "stage_hash"]
 
@@ -33,6 +40,7 @@ logger = logging.getLogger(__name__)
 DONE_FILE = "stage.json"
 STARTED_FILE = "stage.started.json"
 WAIT_TIMEOUT_S = 2 * 3600  # how long machine ranks > 0 wait for rank 0 to finish a stage
+ORPHAN_WAIT_S = 30  # how long a run waits for the stage processes of a killed run to exit (the kernel kills them)
 
 
 def stage_hash(stage_type, fingerprint, dependency_hashes):
@@ -64,23 +72,50 @@ def _move_aside(stage_dir, old_hash):
 @contextlib.contextmanager
 def output_lock(output_dir):
     """Hold ``OUTPUT/.recipe.lock`` exclusively: two recipe runs on one output folder would write into the
-    same stage folders at once. The lock goes with the process, so a killed run leaves none behind."""
+    same stage folders at once. Stage commands inherit the lock, so it is released only when the recipe and
+    every process it started have ended, killed or not."""
     path = os.path.join(output_dir, ".recipe.lock")
     with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise RecipeError(f"another recipe run is using {output_dir} ({f.read().strip() or 'lock held'}); wait "
-                              "for it to finish or choose another --output") from None
+        _acquire(f, path, output_dir)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}\n")
         f.flush()
+        token = OUTPUT_LOCK.set(f)
         try:
             yield
         finally:
+            OUTPUT_LOCK.reset(token)
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _acquire(f, path, output_dir):
+    deadline = time.monotonic() + ORPHAN_WAIT_S
+    waited = False
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            pass
+        f.seek(0)
+        holder = f.read().strip()
+        recipe = re.match(r"pid (\d+)", holder)
+        if recipe is None or pid_alive(int(recipe.group(1))):
+            raise RecipeError(f"another recipe run is using {output_dir} ({holder or 'lock held'}); wait "
+                              "for it to finish or choose another --output") from None
+        # The run that holds the lock is dead: processes it started (a stage and its children) still hold it.
+        if time.monotonic() > deadline:
+            stages = "; ".join(holder.splitlines()[1:]) or "no stage recorded"
+            raise RecipeError(
+                f"the recipe run (pid {recipe.group(1)}) that used {output_dir} was killed, but processes it "
+                f"started still run and write there, holding {path} ({stages}). Wait for them to end or stop "
+                "them (kill -- -PROCESS_GROUP), then run the recipe again") from None
+        if not waited:
+            logger.warning("%s: the recipe run (pid %s) that held it was killed; waiting up to %.0f s for the "
+                           "processes it started to end", path, recipe.group(1), ORPHAN_WAIT_S)
+            waited = True
+        time.sleep(0.2)
 
 
 def run_recipe(recipe, output_dir, opts=(), num_gpus=1, python=None, report=True, num_machines=1, machine_rank=0,
@@ -123,10 +158,16 @@ def _run_stages(recipe, ctx, report):
     for spec, stage, h, stage_dir in _stages(recipe, ctx):
         done = _read(os.path.join(stage_dir, DONE_FILE))
         if done is not None and done.get("hash") == h:
-            logger.info("Stage %s: done (hash %s), skipped", spec.name, h)
-            ctx.results[spec.name] = stage.collect(stage_dir)
-            timings[spec.name] = done.get("seconds")
-            continue
+            problem = stage.result_problem(stage_dir)
+            if problem is None:
+                logger.info("Stage %s: done (hash %s), skipped", spec.name, h)
+                ctx.results[spec.name] = stage.collect(stage_dir)
+                timings[spec.name] = done.get("seconds")
+                continue
+            logger.warning("Stage %s was recorded done, but %s: resuming it", spec.name, problem)
+            os.remove(os.path.join(stage_dir, DONE_FILE))
+            fsync_dir(stage_dir)
+            done = None
         started = _read(os.path.join(stage_dir, STARTED_FILE))
         resume = started is not None and started.get("hash") == h and done is None
         if os.path.isdir(stage_dir) and not resume and os.listdir(stage_dir):
@@ -137,6 +178,10 @@ def _run_stages(recipe, ctx, report):
         start = time.perf_counter()
         stage.run(stage_dir, resume)
         seconds = time.perf_counter() - start
+        problem = stage.result_problem(stage_dir)
+        if problem is not None:
+            raise RecipeError(f"stage {spec.name!r} ended, but {problem}; it is not recorded done: run the recipe "
+                              "again to resume it")
         ctx.results[spec.name] = stage.collect(stage_dir)
         timings[spec.name] = seconds
         atomic_write_json(
@@ -157,7 +202,8 @@ def _follow_stages(recipe, ctx, wait_timeout):
     logger.info("Machine rank %d of %d: machine rank 0 keeps the stage records in %s", ctx.machine_rank,
                 ctx.num_machines, ctx.output_dir)
     for spec, stage, h, stage_dir in _stages(recipe, ctx):
-        if _done_hash(stage_dir) != h:
+        # A stage recorded done with incomplete results is resumed by rank 0, which then needs this machine.
+        if _done_hash(stage_dir) != h or stage.result_problem(stage_dir) is not None:
             if stage.DISTRIBUTED:
                 logger.info("Stage %s (%s): running with machine rank 0", spec.name, spec.type)
                 stage.run(stage_dir, True)

@@ -7,18 +7,32 @@ Training and labelling run as subprocesses of the project's own tools, so every 
 and launch (``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``) are exactly those of the
 command a user would type. Such stages are ``DISTRIBUTED``: in a recipe across machines, every machine runs
 them together; the others run on machine rank 0 only (see ``runner``).
+
+A stage command never outlives the recipe: it runs in its own process group, which is killed when the recipe
+is interrupted; on Linux the kernel kills it when the recipe process dies (``kill -9`` included); and it
+inherits the recipe's lock on the output folder (:data:`OUTPUT_LOCK`), so the folder stays locked while any
+process of it lives.
 """
+import contextlib
+import contextvars
+import ctypes
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from ..utils.registry import NamedRegistry
+from ..utils.safe_load import weights_file_problem
 from .spec import RecipeError
 
-__all__ = ["STAGE_REGISTRY", "RecipeContext", "Stage", "tool_path"]
+__all__ = ["OUTPUT_LOCK", "STAGE_REGISTRY", "RecipeContext", "Stage", "tool_path"]
+
+# The open lock file of the recipe output folder while this process (thread) holds it (set by the runner);
+# stage commands inherit it.
+OUTPUT_LOCK = contextvars.ContextVar("selftrain_recipe_output_lock", default=None)
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +97,46 @@ def _read_json(path):
         return json.load(f)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_this_process():
+    """A ``preexec_fn`` after which the kernel sends SIGKILL to the child when this process dies (Linux
+    ``PR_SET_PDEATHSIG``); ``None`` where there is no ``prctl``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: no dynamic loading after fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec():
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the recipe died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
 def _run(cmd, what):
     logger.info("Running %s:\n  %s", what, " ".join(map(str, cmd)))
-    env = dict(os.environ)
-    completed = subprocess.run([str(c) for c in cmd], env=env)
-    if completed.returncode != 0:
-        raise RecipeError(f"{what} failed with exit status {completed.returncode}; its log is above")
+    lock = OUTPUT_LOCK.get()
+    proc = subprocess.Popen([str(c) for c in cmd], env=dict(os.environ), start_new_session=True,
+                            preexec_fn=_die_with_this_process(), pass_fds=(lock.fileno(),) if lock else ())
+    if lock is not None:
+        lock.write(f"{what}: pid {proc.pid}, process group {proc.pid}\n")
+        lock.flush()
+    try:
+        returncode = proc.wait()
+    except BaseException:
+        # Ctrl-C or an error here: the stage, and whatever it started, stop with the recipe.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    if returncode != 0:
+        raise RecipeError(f"{what} failed with exit status {returncode}; its log is above")
 
 
 def _opts_as_strings(opts, where):
@@ -143,6 +191,11 @@ class Stage:
 
     def collect(self, out_dir):
         raise NotImplementedError
+
+    def result_problem(self, out_dir):
+        """``None`` when what the stage leaves in ``out_dir`` is complete, else what is wrong; the runner
+        records a stage done only then, and runs a done stage again (resuming) when it is not."""
+        return None
 
 
 def config_delta(config_file, opts):
@@ -206,6 +259,9 @@ class TrainStage(Stage):
         opts = self.opts + self.ctx.opts
         cmd += ["OUTPUT_DIR", out_dir] + self._derived_opts() + opts + self.ctx.recipe.data_opts(config, opts)
         _run(cmd, f"stage {self.spec.name!r} (train)")
+
+    def result_problem(self, out_dir):
+        return weights_file_problem(os.path.join(out_dir, "model_final.pth"))
 
     def collect(self, out_dir):
         config = os.path.join(out_dir, "config.yaml")
