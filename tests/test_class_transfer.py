@@ -9,6 +9,7 @@ from torch import nn
 from selftrain_d2.config import load_config
 from selftrain_d2.engine import Trainer
 from selftrain_d2.engine.checkpoint import (
+    Checkpointer,
     ClassTransferCheckpointer,
     build_checkpointer,
     target_classes_of,
@@ -109,7 +110,7 @@ def test_checkpointer_remaps_new_runs_but_not_resumes(tmp_path):
 
 def test_build_checkpointer_from_config():
     cfg = load_config(None, ["DATASETS.TRAIN", "('demo_rural_labeled_sem_seg',)"])
-    assert type(build_checkpointer(cfg, _Head(3), "")) is DetectionCheckpointer
+    assert type(build_checkpointer(cfg, _Head(3), "")) is Checkpointer  # atomic saves, safe loads
     cfg.MODEL.CLASS_TRANSFER.SOURCE_CLASSES = SOURCE
     ckpt = build_checkpointer(cfg, _Head(3), "")
     assert isinstance(ckpt, ClassTransferCheckpointer) and ckpt.target_classes[-2:] == ["terrain", "truck"]
