@@ -12,6 +12,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import SemSegEvaluator, inference_on_dataset
+from detectron2.modeling import META_ARCH_REGISTRY
 from PIL import Image
 
 from selftrain_d2.config import get_selftrain_cfg, load_config
@@ -19,6 +20,7 @@ from selftrain_d2.data import build_mapper, build_test_loader
 from selftrain_d2.data.image_io import LabelValueError, UnreadableImageError, read_image, read_sem_seg
 from selftrain_d2.evaluation import build_evaluator
 from selftrain_d2.modeling import build_model
+from selftrain_d2.pseudo_labels import generate_pseudo_labels, register_teacher_output
 from selftrain_d2.recipe.spec import RecipeError, load_recipe
 
 from .conftest import DEMO_CONFIG, ROOT
@@ -275,3 +277,62 @@ def test_sweep_exits_non_zero_when_every_trial_failed(tmp_path):
     with pytest.raises(SystemExit) as e:
         sweep.main(["--config-file", str(tmp_path / "sweep.yaml"), "--output", str(tmp_path / "out")])
     assert e.value.code == 1
+
+
+# ------------------------------------------------------------------------------------------------ pseudo labels
+
+class _HalfTeacher(torch.nn.Module):
+    """3 class scores per pixel from the image; like a fixed-pool DeepLab, refuses inputs that are not 1:2."""
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, batched_inputs):
+        outputs = []
+        for x in batched_inputs:
+            h, w = x["image"].shape[-2:]
+            if w != 2 * h:
+                raise ValueError(f"`pool_kernel_size` must be divisible by the shape of inputs. Input size: {(h, w)}")
+            outputs.append({"sem_seg": (x["image"].float() + 1) * self.scale})
+        return outputs
+
+
+if "_HalfTeacher" not in META_ARCH_REGISTRY:
+    META_ARCH_REGISTRY.register(_HalfTeacher)
+register_teacher_output("_HalfTeacher", "semantic", "scores")
+
+
+def _pseudo_cfg(*opts):
+    cfg = get_selftrain_cfg()
+    cfg.merge_from_list(["MODEL.META_ARCHITECTURE", "_HalfTeacher", "MODEL.DEVICE", "cpu", "INPUT.FORMAT", "RGB",
+                         "INPUT.MIN_SIZE_TEST", "0", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "3", *opts])
+    return cfg
+
+
+def test_stale_temporary_files_are_removed_on_the_next_run(tmp_path):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    for rel in ("a.png", "sub/b.png"):
+        Image.fromarray(np.full((4, 8, 3), 9, np.uint8)).save(images / rel)
+    out = tmp_path / "out"
+    cfg = _pseudo_cfg("PSEUDO_LABELS.FORMAT", "soft")
+    generate_pseudo_labels(cfg, str(images), out, model=_HalfTeacher())
+    # What a kill during np.savez_compressed (or any other atomic write) leaves behind.
+    stale = [out / "soft" / ".a.npz.k2j4h1.tmp", out / "soft" / "sub" / ".b.npz.x9f0aa.tmp",
+             out / ".dataset.json.q1w2e3.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    report = generate_pseudo_labels(cfg, str(images), out, model=_HalfTeacher())
+    assert report["already_done"] == 2 and not any(p.exists() for p in stale)
+    assert (out / "soft" / "a.npz").is_file() and (out / "soft" / "sub" / "b.npz").is_file()
+
+
+def test_pseudo_labelling_error_names_the_image(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((4, 8, 3), np.uint8)).save(images / "a_wide.png")
+    Image.fromarray(np.zeros((5, 8, 3), np.uint8)).save(images / "b_odd.png")
+    with pytest.raises(RuntimeError) as e:
+        generate_pseudo_labels(_pseudo_cfg(), str(images), tmp_path / "out", model=_HalfTeacher())
+    assert str(images / "b_odd.png") in str(e.value) and "pool_kernel_size" in str(e.value)

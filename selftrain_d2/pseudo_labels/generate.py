@@ -32,7 +32,7 @@ from detectron2.utils import comm
 
 from ..data.image_io import UnreadableImageError, read_image
 from ..data.records import image_key
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, remove_temporaries
 from . import storage
 from .tta import multi_scale_flip, sliding_window
 
@@ -174,6 +174,14 @@ class _Layout:
 
     def progress_file(self, rank):
         return os.path.join(self.root, "progress", f"rank{rank}.jsonl")
+
+
+def _remove_interrupted_writes(root):
+    """Remove the temporary files that writes interrupted by a kill left in ``root`` and its subfolders."""
+    removed = []
+    for folder, _, _ in os.walk(root):
+        removed += remove_temporaries(folder)
+    return removed
 
 
 def _read_progress(root):
@@ -392,6 +400,10 @@ def generate_pseudo_labels(cfg, input, output_dir, model=None, teacher_config=No
             meta["thing_colors"] = class_meta.get("thing_colors")
     if comm.is_main_process():
         _check_settings(root, meta)
+        # Before any rank writes: a temporary file now can only be one a kill left behind.
+        removed = _remove_interrupted_writes(root)
+        if removed:
+            logger.info("Removed %d temporary files left by an interrupted run in %s", len(removed), root)
         atomic_write_json(os.path.join(root, "meta.json"), meta, indent=2)
     comm.synchronize()
 
@@ -421,8 +433,16 @@ def generate_pseudo_labels(cfg, input, output_dir, model=None, teacher_config=No
                     bar.update(1)
                     continue
                 files = layout.files(key)
+                try:
+                    if task == "semantic":
+                        prediction = semantic_probabilities(model, image, cfg, scores)
+                    else:
+                        prediction = instance_annotations(model, image, cfg, contiguous_to_dataset_id)
+                except (RuntimeError, ValueError) as e:
+                    raise RuntimeError(f"the teacher failed on image {record['file_name']} (WxH "
+                                       f"{image.shape[1]}x{image.shape[0]}): {type(e).__name__}: {e}") from e
                 if task == "semantic":
-                    probs = semantic_probabilities(model, image, cfg, scores)
+                    probs = prediction
                     if probs.shape[0] != len(classes):
                         raise ValueError(
                             f"the teacher predicts {probs.shape[0]} classes but the class list has {len(classes)} "
@@ -430,8 +450,7 @@ def generate_pseudo_labels(cfg, input, output_dir, model=None, teacher_config=No
                         )
                     _write_semantic(files, probs, settings, ignore_label)
                 else:
-                    annotations = instance_annotations(model, image, cfg, contiguous_to_dataset_id)
-                    atomic_write_json(files["instances"], {"annotations": annotations})
+                    atomic_write_json(files["instances"], {"annotations": prediction})
                 log.add(key, image.shape[0], image.shape[1])
                 written += 1
                 bar.update(1)
