@@ -83,6 +83,10 @@ def add_selftrain_config(cfg):
     cfg.DATALOADER.PSEUDO_RATIO = 1.0
     # Each real image appears this many times per epoch (the duplicate-real-labels baseline when > 1).
     cfg.DATALOADER.REAL_REPEAT = 1
+    # Share of the real images drawn per epoch (cycling, so each is drawn once before any repeats): the paper's
+    # epoch is 0.5 (1.5K of 3K) + PSEUDO_RATIO x as many pseudo samples; its duplicate-real baseline at ratio x
+    # keeps 0.5 with REAL_REPEAT 1 + x and no pseudo labels (the same epoch length). 1.0: every real image.
+    cfg.DATALOADER.REAL_FRACTION = 1.0
     cfg.DATALOADER.CENTROID_SAMPLING = CN()
     # Draw samples by a class uniformly, then one of its region centroids, and crop around it.
     cfg.DATALOADER.CENTROID_SAMPLING.ENABLED = False

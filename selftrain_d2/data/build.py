@@ -185,13 +185,17 @@ def _index_files(cfg, known):
 
 
 def build_sample_plan(cfg, real_names, real_dicts, pseudo_names=(), pseudo_dicts=()):
-    """The training stream's sample plan: a plain per-epoch permutation of the real dicts, or (with
-    pseudo datasets, REAL_REPEAT > 1 or centroid sampling) a ``MixedPlan`` over ``real_dicts + pseudo_dicts``."""
+    """The training stream's sample plan: a plain per-epoch permutation of the real dicts, or (with pseudo
+    datasets, REAL_REPEAT > 1, REAL_FRACTION < 1 or centroid sampling) a ``MixedPlan`` over
+    ``real_dicts + pseudo_dicts``."""
     dl, cs = cfg.DATALOADER, cfg.DATALOADER.CENTROID_SAMPLING
     if not real_dicts:
         raise ValueError("DATASETS.TRAIN has no images: the pseudo samples per epoch are counted per real sample "
                          "(DATALOADER.PSEUDO_RATIO); to train on pseudo labels alone, put them in DATASETS.TRAIN")
-    if not (pseudo_names or dl.REAL_REPEAT > 1 or cs.ENABLED):
+    if not 0 < dl.REAL_FRACTION <= 1:
+        raise ValueError(f"DATALOADER.REAL_FRACTION must be in (0, 1] (the share of the real images drawn per epoch), "
+                         f"got {dl.REAL_FRACTION}")
+    if not (pseudo_names or dl.REAL_REPEAT > 1 or dl.REAL_FRACTION < 1 or cs.ENABLED):
         return PermutationPlan(len(real_dicts))
     if cs.APPLY_TO not in ("pseudo", "all"):
         raise ValueError(f"DATALOADER.CENTROID_SAMPLING.APPLY_TO must be 'pseudo' or 'all', got {cs.APPLY_TO!r}")
@@ -213,9 +217,10 @@ def build_sample_plan(cfg, real_names, real_dicts, pseudo_names=(), pseudo_dicts
     # Without pseudo datasets (the duplicate-real-labels baseline) the ratio has nothing to draw from.
     ratio = dl.PSEUDO_RATIO if pseudo_names else 0.0
     plan = MixedPlan(len(real_dicts), len(pseudo_dicts), pseudo_ratio=ratio, real_repeat=dl.REAL_REPEAT,
-                     real_centroids=real_index, pseudo_centroids=pseudo_index)
+                     real_fraction=dl.REAL_FRACTION, real_centroids=real_index, pseudo_centroids=pseudo_index)
+    share = f" x fraction {dl.REAL_FRACTION}" if dl.REAL_FRACTION < 1 else ""
     logger.info(
-        f"Training epoch: {plan.num_real_samples} real samples ({len(real_dicts)} images x {dl.REAL_REPEAT}"
+        f"Training epoch: {plan.num_real_samples} real samples ({len(real_dicts)} images{share} x {dl.REAL_REPEAT}"
         f"{', centroid sampling' if real_index is not None else ''}) + {plan.num_pseudo_samples} pseudo samples "
         f"(from {len(pseudo_dicts)} images{', centroid sampling' if pseudo_index is not None else ''})"
     )

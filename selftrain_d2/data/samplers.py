@@ -4,9 +4,12 @@ A plan is a pure function of ``(seed, epoch)``, so the training stream built on 
 (``selftrain_d2.data.build.SeededTrainStream``) stays a pure function of ``(seed, position)``.
 
 - ``PermutationPlan``: every image once per epoch, in a seeded order (plain supervised training).
-- ``MixedPlan``: real images (``real_repeat`` times, the duplicate-real baseline) plus
-  ``pseudo_ratio`` pseudo samples per real sample, shuffled together; either group can be drawn by
-  class-uniform centroid sampling instead (a class uniformly, then one of its region centroids).
+- ``MixedPlan``: real samples plus ``pseudo_ratio`` pseudo samples per real sample, shuffled together; either
+  group can be drawn by class-uniform centroid sampling instead (a class uniformly, then one of its region
+  centroids). An epoch holds ``real_repeat x round(real_fraction x num_real)`` real samples: the self-training
+  paper's epoch draws half the real images (``real_fraction`` 0.5) plus ratio x that many pseudo samples, so at
+  1:1 it is as long as the teacher's epoch; its duplicate-real baseline at ratio x replaces the pseudo samples by
+  real ones (``real_repeat`` 1 + x, no pseudo samples: the same epoch length, Table 2b).
 """
 from typing import NamedTuple, Optional, Tuple
 
@@ -20,6 +23,7 @@ __all__ = [
     "ClassUniformCentroids",
     "class_uniform_centroid_draws",
     "mixed_epoch_plan",
+    "real_per_epoch",
     "MixedPlan",
     "plan_stream",
 ]
@@ -106,35 +110,45 @@ def class_uniform_centroid_draws(index, n, rng):
     return sampler.draw(n, rng)
 
 
-def _cycling_draws(num, count, seed, epoch):
+_PSEUDO_STREAM, _REAL_STREAM = 1, 2  # seeds of the two cycling sequences differ
+
+
+def _cycling_draws(num, count, seed, epoch, stream=_PSEUDO_STREAM):
     """Samples ``[epoch * count, (epoch + 1) * count)`` of an endless sequence of seeded permutations of
     ``range(num)``: every image is used once before any is used again, across epochs."""
     if count == 0:
         return np.zeros(0, np.int64)
     first, last = epoch * count, (epoch + 1) * count
     cycles = range(first // num, (last - 1) // num + 1)
-    seq = np.concatenate([np.random.default_rng(mix_seed(seed, c, 1)).permutation(num) for c in cycles])
+    seq = np.concatenate([np.random.default_rng(mix_seed(seed, c, stream)).permutation(num) for c in cycles])
     start = first - cycles[0] * num
     return seq[start:start + count]
 
 
-def _epoch_counts(num_real, pseudo_ratio, real_repeat):
-    real = num_real * real_repeat
+def real_per_epoch(num_real, real_fraction=1.0, real_repeat=1):
+    """Real samples per epoch: ``real_repeat x round(real_fraction x num_real)``, at least one per repeat."""
+    return real_repeat * max(1, int(round(real_fraction * num_real))) if num_real else 0
+
+
+def _epoch_counts(num_real, pseudo_ratio, real_repeat, real_fraction=1.0):
+    real = real_per_epoch(num_real, real_fraction, real_repeat)
     return real, int(round(pseudo_ratio * real))
 
 
-def mixed_epoch_plan(seed, epoch, *, num_real, num_pseudo, pseudo_ratio=1.0, real_repeat=1,
+def mixed_epoch_plan(seed, epoch, *, num_real, num_pseudo, pseudo_ratio=1.0, real_repeat=1, real_fraction=1.0,
                      real_centroids=None, pseudo_centroids=None):
     """One epoch of real and pseudo samples, shuffled together.
 
     Dataset positions ``[0, num_real)`` are the real images and ``[num_real, num_real + num_pseudo)`` the
-    pseudo-labelled ones. The epoch holds ``num_real * real_repeat`` real samples (``real_repeat``
-    permutations, or centroid draws when ``real_centroids`` is given) and
-    ``round(pseudo_ratio * num_real * real_repeat)`` pseudo samples (centroid draws from
-    ``pseudo_centroids``, or images without replacement cycling through the pseudo set across epochs).
-    Centroid indexes must be aligned to their group's dataset positions (``CentroidIndex.aligned_to``).
+    pseudo-labelled ones. The epoch holds ``n = real_per_epoch(num_real, real_fraction, real_repeat)`` real
+    samples and ``round(pseudo_ratio * n)`` pseudo samples. Real samples are centroid draws when
+    ``real_centroids`` is given, else ``real_repeat`` permutations of the real images (``real_fraction`` 1) or
+    images without replacement cycling through the real set across epochs (``real_fraction`` < 1: at 0.5,
+    every real image once in two epochs). Pseudo samples are centroid draws from ``pseudo_centroids``, or
+    images cycling through the pseudo set likewise. Centroid indexes must be aligned to their group's dataset
+    positions (``CentroidIndex.aligned_to``).
     """
-    n_real, n_pseudo = _epoch_counts(num_real, pseudo_ratio, real_repeat)
+    n_real, n_pseudo = _epoch_counts(num_real, pseudo_ratio, real_repeat, real_fraction)
     if n_pseudo and not num_pseudo:
         raise ValueError(
             f"pseudo_ratio={pseudo_ratio} asks for {n_pseudo} pseudo samples but there are no pseudo labels"
@@ -142,6 +156,8 @@ def mixed_epoch_plan(seed, epoch, *, num_real, num_pseudo, pseudo_ratio=1.0, rea
     rng = np.random.default_rng(mix_seed(seed, epoch))
     if real_centroids is not None:
         real = _sampler(real_centroids).plan(n_real, rng)
+    elif real_fraction < 1:
+        real = _plain(_cycling_draws(num_real, n_real, seed, epoch, stream=_REAL_STREAM))
     else:
         real = _plain(np.concatenate([rng.permutation(num_real) for _ in range(real_repeat)] or [[]]))
     if pseudo_centroids is not None:
@@ -160,19 +176,22 @@ def _sampler(index):
 class MixedPlan:
     """``mixed_epoch_plan`` with fixed sizes and settings (centroid grouping computed once)."""
 
-    def __init__(self, num_real, num_pseudo, *, pseudo_ratio=1.0, real_repeat=1, real_centroids=None,
-                 pseudo_centroids=None):
+    def __init__(self, num_real, num_pseudo, *, pseudo_ratio=1.0, real_repeat=1, real_fraction=1.0,
+                 real_centroids=None, pseudo_centroids=None):
         if real_repeat < 1 or int(real_repeat) != real_repeat:
             raise ValueError(f"real_repeat must be a positive integer, got {real_repeat}")
         if pseudo_ratio < 0:
             raise ValueError(f"pseudo_ratio must be >= 0, got {pseudo_ratio}")
+        if not 0 < real_fraction <= 1:
+            raise ValueError(f"real_fraction must be in (0, 1], got {real_fraction}")
         self.kwargs = dict(
             num_real=int(num_real), num_pseudo=int(num_pseudo), pseudo_ratio=float(pseudo_ratio),
-            real_repeat=int(real_repeat),
+            real_repeat=int(real_repeat), real_fraction=float(real_fraction),
             real_centroids=None if real_centroids is None else _sampler(real_centroids),
             pseudo_centroids=None if pseudo_centroids is None else _sampler(pseudo_centroids),
         )
-        self.num_real_samples, self.num_pseudo_samples = _epoch_counts(num_real, pseudo_ratio, real_repeat)
+        self.num_real_samples, self.num_pseudo_samples = _epoch_counts(num_real, pseudo_ratio, real_repeat,
+                                                                       real_fraction)
         if self.num_pseudo_samples and not num_pseudo:
             raise ValueError(f"pseudo_ratio={pseudo_ratio} asks for pseudo samples but there are no pseudo labels")
         self.epoch_size = self.num_real_samples + self.num_pseudo_samples
