@@ -118,13 +118,13 @@ def add_selftrain_config(cfg):
     cfg.INPUT.CROP_SCHEDULE.WARMUP_EPOCHS = 0
     # Largest batch (all processes) a small crop may get; SOLVER.IMS_PER_BATCH is the batch at the largest crop.
     cfg.INPUT.CROP_SCHEDULE.MAX_BATCH = 64
-    # How the learning rate follows the batch: "linear", "sqrt" or "none".
-    cfg.INPUT.CROP_SCHEDULE.LR_SCALING = "linear"
+    # How the learning rate follows the batch: "none" (the paper names no rule), "linear" or "sqrt".
+    cfg.INPUT.CROP_SCHEDULE.LR_SCALING = "none"
     # Epochs of training; 0 = the images SOLVER.MAX_ITER x IMS_PER_BATCH make (MAX_ITER is then recomputed).
     cfg.INPUT.CROP_SCHEDULE.EPOCHS = 0
-    # Scaled crop sides are rounded to a multiple of this (the model's padding multiple), so that no compute
-    # goes to padding; 1 = exact scales.
-    cfg.INPUT.CROP_SCHEDULE.SIZE_DIVISIBILITY = 32
+    # Scaled crop sides are rounded to a multiple of this; 1 = exact scales (the paper's 400, 480 ... 800 at an 800
+    # crop). The model's padding multiple (32) spends no compute on padding, but gives 384, 480, 576 ... at 800.
+    cfg.INPUT.CROP_SCHEDULE.SIZE_DIVISIBILITY = 1
 
     # Convolution weights (hence activations) in channels-last layout: on the CPU, oneDNN's convolutions
     # (above all their backward) run about 1.2x faster for the demo DeepLabV3+. Values agree to float

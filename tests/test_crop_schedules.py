@@ -78,6 +78,25 @@ def test_scaled_crops_round_to_the_padding_multiple():
     assert [(e.crop, e.batch, e.lr_factor) for e in table.entries[:2]] == [((64, 160), 12, 3.0), ((128, 256), 4, 1.0)]
 
 
+def test_the_papers_crop_set_at_800_by_default():
+    """Section 3.3: 400, 480, 560, 640, 720, 800 at scales 0.5 ... 1.0 of an 800 crop, each batch at the base
+    learning rate (the paper names no scaling rule)."""
+    from selftrain_d2.config import load_config
+    from selftrain_d2.data.build import build_epoch_table
+
+    from .conftest import DEMO_CONFIG
+
+    cfg = load_config(DEMO_CONFIG, ["INPUT.CROP.SIZE", "(800, 800)", "SOLVER.IMS_PER_BATCH", "16",
+                                    "INPUT.CROP_SCHEDULE.ENABLED", "True", "INPUT.CROP_SCHEDULE.NAME", "coarse2fine+",
+                                    "INPUT.CROP_SCHEDULE.EPOCHS", "6"])
+    table = build_epoch_table(cfg, epoch_size=2975)
+    assert [e.crop for e in table.entries] == [(s, s) for s in (400, 480, 560, 640, 720, 800)]
+    assert [e.batch for e in table.entries] == [64, 44, 32, 25, 19, 16]  # 16 x 800^2 pixels, at most 64 images
+    assert {e.lr_factor for e in table.entries} == {1.0}
+    cfg.merge_from_list(["INPUT.CROP_SCHEDULE.LR_SCALING", "linear"])
+    assert build_epoch_table(cfg, epoch_size=2975).entries[0].lr_factor == 4.0
+
+
 def test_lr_rules():
     assert lr_factor(16, 4) == 4
     assert lr_factor(16, 4, "sqrt") == 2
@@ -178,7 +197,8 @@ def test_trainer_takes_iterations_lr_and_checkpoint_position_from_the_schedule(f
     cfg = fast_cfg("DATASETS.TEST", "()", "MODEL.SEM_SEG_HEAD.NAME", "DeepLabV3PlusGlobalPoolHead",
                    "INPUT.CROP_SCHEDULE.ENABLED", "True", "INPUT.CROP_SCHEDULE.NAME", "coarse2fine+",
                    "INPUT.CROP_SCHEDULE.SCALES", "[0.5, 1.0]", "INPUT.CROP_SCHEDULE.EPOCHS", "2",
-                   "INPUT.CROP_SCHEDULE.WARMUP_EPOCHS", "1", "INPUT.CROP_SCHEDULE.MAX_BATCH", "8")
+                   "INPUT.CROP_SCHEDULE.WARMUP_EPOCHS", "1", "INPUT.CROP_SCHEDULE.MAX_BATCH", "8",
+                   "INPUT.CROP_SCHEDULE.LR_SCALING", "linear")
     trainer = Trainer(cfg)
     table = trainer.crop_table
     # demo_city_labeled: 20 images; epoch 0 at 128x256 (batch 2, 10 iterations), epoch 1 at 64x128 (batch 8, 3).

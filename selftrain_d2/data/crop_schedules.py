@@ -80,7 +80,7 @@ def batch_for_crop(crop, full_crop, full_batch, max_batch, multiple=1):
 
 
 def lr_factor(batch, full_batch, rule="linear"):
-    """How the learning rate follows the batch size: linear (Goyal et al.), square root, or not at all."""
+    """How the learning rate follows the batch size: linear (Goyal et al.), square root, or not at all ("none")."""
     if rule == "linear":
         return batch / full_batch
     if rule == "sqrt":
