@@ -87,6 +87,12 @@ def add_selftrain_config(cfg):
     # epoch is 0.5 (1.5K of 3K) + PSEUDO_RATIO x as many pseudo samples; its duplicate-real baseline at ratio x
     # keeps 0.5 with REAL_REPEAT 1 + x and no pseudo labels (the same epoch length). 1.0: every real image.
     cfg.DATALOADER.REAL_FRACTION = 1.0
+    # Pseudo-labelled datasets of DATASETS.TRAIN_PSEUDO trained on their soft labels (PSEUDO_LABELS.FORMAT soft:
+    # the teacher's top-k probabilities, soft cross-entropy); the others train on their hard labels.
+    cfg.DATASETS.TRAIN_PSEUDO_SOFT = ()
+    # Soft labels: pixels whose stored top-k probability mass is below this are ignored (besides those the hard
+    # label ignores); the stored probabilities are renormalised to sum to 1.
+    cfg.DATALOADER.SOFT_LABEL_MIN_MASS = 0.0
     cfg.DATALOADER.CENTROID_SAMPLING = CN()
     # Draw samples by a class uniformly, then one of its region centroids, and crop around it.
     cfg.DATALOADER.CENTROID_SAMPLING.ENABLED = False

@@ -251,16 +251,58 @@ def build_epoch_table(cfg, epoch_size, world_size=1):
     return table
 
 
+def _check_soft_label_model(cfg, mapper):
+    """DATASETS.TRAIN_PSEUDO_SOFT needs a mapper that reads soft labels and a model that trains on them."""
+    from detectron2.modeling import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
+
+    soft = f"DATASETS.TRAIN_PSEUDO_SOFT {tuple(cfg.DATASETS.TRAIN_PSEUDO_SOFT)} trains on soft labels"
+    if not getattr(mapper, "supports_soft_labels", False):
+        raise ValueError(f"{soft}, but the mapper {type(mapper).__name__} (INPUT.DATASET_MAPPER_NAME) does not read "
+                         "them; use the 'semantic' mapper")
+    arch = cfg.MODEL.META_ARCHITECTURE
+    takes = arch in META_ARCH_REGISTRY and getattr(META_ARCH_REGISTRY.get(arch), "accepts_soft_labels", False)
+    if not takes:
+        raise ValueError(f"{soft}, but MODEL.META_ARCHITECTURE {arch!r} does not take them: use SoftSemanticSegmentor "
+                         "(Detectron2's SemanticSegmentor with the same weights), PSPNet or FastSCNN")
+    head = cfg.MODEL.SEM_SEG_HEAD.NAME
+    if arch == "SoftSemanticSegmentor" and not getattr(SEM_SEG_HEADS_REGISTRY.get(head), "accepts_soft_labels", False):
+        raise ValueError(f"{soft}, but MODEL.SEM_SEG_HEAD.NAME {head!r} does not train on them: use "
+                         "DeepLabV3PlusGlobalPoolHead")
+
+
+def _pseudo_dicts(cfg, pseudo_names, filter_empty):
+    """The pseudo-labelled datasets' dicts; those of DATASETS.TRAIN_PSEUDO_SOFT marked ``use_soft_label``."""
+    soft_names = list(cfg.DATASETS.TRAIN_PSEUDO_SOFT)
+    unknown = [n for n in soft_names if n not in pseudo_names]
+    if unknown:
+        raise ValueError(f"DATASETS.TRAIN_PSEUDO_SOFT names {unknown}, which are not in DATASETS.TRAIN_PSEUDO "
+                         f"{tuple(pseudo_names)}")
+    dicts = []
+    for name in pseudo_names:
+        part = get_detection_dataset_dicts([name], filter_empty=filter_empty)
+        if name in soft_names:
+            missing = [d["file_name"] for d in part if "soft_label_file_name" not in d]
+            if missing:
+                raise ValueError(f"DATASETS.TRAIN_PSEUDO_SOFT: dataset {name!r} has no soft labels for {len(missing)} "
+                                 f"images (e.g. {missing[0]}); write them with PSEUDO_LABELS.FORMAT soft")
+            part = [dict(d, use_soft_label=True) for d in part]
+        dicts.extend(part)
+    return dicts
+
+
 def build_train_loader(cfg, mapper=None, dataset_names=None, seed=None):
     """A DataLoader of per-rank training batches from ``cfg.DATASETS.TRAIN`` (or ``dataset_names``), plus
-    the pseudo-labelled ``cfg.DATASETS.TRAIN_PSEUDO`` mixed in per ``build_sample_plan``."""
+    the pseudo-labelled ``cfg.DATASETS.TRAIN_PSEUDO`` mixed in per ``build_sample_plan`` (those of
+    ``DATASETS.TRAIN_PSEUDO_SOFT`` with their soft labels)."""
     names = list(dataset_names or cfg.DATASETS.TRAIN)
     pseudo_names = list(cfg.DATASETS.TRAIN_PSEUDO)
     filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
     dicts = get_detection_dataset_dicts(names, filter_empty=filter_empty) if names else []
-    pseudo = get_detection_dataset_dicts(pseudo_names, filter_empty=filter_empty) if pseudo_names else []
+    pseudo = _pseudo_dicts(cfg, pseudo_names, filter_empty) if pseudo_names else []
     plan = build_sample_plan(cfg, names, dicts, pseudo_names, pseudo)
     mapper = mapper if mapper is not None else build_mapper(cfg, is_train=True)
+    if cfg.DATASETS.TRAIN_PSEUDO_SOFT:
+        _check_soft_label_model(cfg, mapper)
     if cfg.DATALOADER.CENTROID_SAMPLING.ENABLED and not getattr(mapper, "supports_crop_center", False):
         logger.warning(f"DATALOADER.CENTROID_SAMPLING.ENABLED, but the mapper {type(mapper).__name__} ignores crop "
                        "centres: samples are drawn by centroid, but not cropped around it")

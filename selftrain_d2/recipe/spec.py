@@ -7,6 +7,7 @@ student, evaluate ...), read from YAML and checked before anything runs.
       pseudo_labels:  {type: pseudo_labels, model: teacher, input: demo_city_unlabeled_sem_seg}
       centroids:      {type: centroid_index, labels: pseudo_labels}
       student:        {type: train, config: student.yaml, pseudo_labels: [pseudo_labels], centroids: [centroids]}
+      # soft_labels: [pseudo_labels] trains on those labels' soft probabilities (written with FORMAT soft)
     loops: 1          # optional: repeat a block of stages, each loop's student teaching the next
     loop: {stages: [pseudo_labels, centroids, student], teacher: student}
 
@@ -135,7 +136,7 @@ def _expand_loops(stages, raw, where):
 
 
 # Stage options whose values name other stages.
-_REF_KEYS = ("model", "labels", "init", "pseudo_labels", "centroids", "class_transfer_from", "teacher")
+_REF_KEYS = ("model", "labels", "init", "pseudo_labels", "soft_labels", "centroids", "class_transfer_from", "teacher")
 
 
 def _first_model_ref(body, by_name):

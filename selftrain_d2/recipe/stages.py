@@ -220,11 +220,20 @@ def config_delta(config_file, opts):
 @STAGE_REGISTRY.register("train")
 class TrainStage(Stage):
     """``tools/train_net.py`` on a config, with optional initial weights from an earlier stage, the pseudo
-    labels and centroid indexes of earlier stages added to training, a class-set change, and (``teacher``)
-    an earlier stage's model as the burn-in teacher of online distillation."""
+    labels and centroid indexes of earlier stages added to training (``soft_labels``: those of them trained on
+    their soft labels, DATASETS.TRAIN_PSEUDO_SOFT), a class-set change, and (``teacher``) an earlier stage's
+    model as the burn-in teacher of online distillation."""
 
     REQUIRED = ("config",)
-    OPTIONAL = ("opts", "init", "pseudo_labels", "centroids", "class_transfer_from", "teacher")
+    OPTIONAL = ("opts", "init", "pseudo_labels", "soft_labels", "centroids", "class_transfer_from", "teacher")
+
+    @classmethod
+    def check_options(cls, name, options, where):
+        super().check_options(name, options, where)
+        extra = [s for s in _as_list(options.get("soft_labels")) if s not in _as_list(options.get("pseudo_labels"))]
+        if extra:
+            raise RecipeError(f"{where}: stage {name!r}: soft_labels {extra} must also be in its pseudo_labels "
+                              f"{_as_list(options.get('pseudo_labels'))}")
     DISTRIBUTED = True
 
     def _derived_opts(self):
@@ -236,6 +245,9 @@ class TrainStage(Stage):
         if pseudo:
             opts += ["DATASETS.PSEUDO_LABELS", repr([list(p) for p in pseudo])]
             opts += ["DATASETS.TRAIN_PSEUDO", repr(tuple(name for name, _ in pseudo))]
+        soft = [ctx.result(s, "dataset") for s in _as_list(o.get("soft_labels"))]
+        if soft:
+            opts += ["DATASETS.TRAIN_PSEUDO_SOFT", repr(tuple(soft))]
         index = [(ctx.result(s, "dataset"), ctx.result(s, "index")) for s in _as_list(o.get("centroids"))]
         if index:
             opts += ["DATALOADER.CENTROID_SAMPLING.INDEX_FILES", repr([list(p) for p in index])]
@@ -249,7 +261,10 @@ class TrainStage(Stage):
     def fingerprint(self):
         config = self.ctx.config_path(self.options["config"])
         opts = self.opts + self.ctx.opts
-        return {"config": config_delta(config, opts + self.ctx.recipe.data_opts(config, opts))}
+        fingerprint = {"config": config_delta(config, opts + self.ctx.recipe.data_opts(config, opts))}
+        if self.options.get("soft_labels"):  # the same stages used otherwise: hard labels or soft
+            fingerprint["soft_labels"] = _as_list(self.options["soft_labels"])
+        return fingerprint
 
     def run(self, out_dir, resume):
         config = self.ctx.config_path(self.options["config"])

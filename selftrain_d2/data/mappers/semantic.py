@@ -2,6 +2,14 @@
 
 A dataset dict with ``crop_center`` (y, x), in the original image's pixels (set by centroid sampling,
 ``selftrain_d2.data.samplers``), is cropped around that point instead of at random.
+
+A training dict with ``use_soft_label`` True (set by the training loader for DATASETS.TRAIN_PSEUDO_SOFT) reads
+its ``soft_label_file_name`` (the teacher's top-k class probabilities, ``selftrain_d2.pseudo_labels.storage``) and
+also gives ``sem_seg_soft_classes`` / ``sem_seg_soft_probs`` ``[k, H, W]``,
+taken from the same source pixels as the label map: the map of each pixel's source index goes through every
+transform as a label map does (nearest resize, crop, flip), so the soft label follows the hard one exactly. Its
+probabilities are renormalised to sum to 1; pixels whose stored mass is below ``soft_min_mass`` get the ignore
+label, as do those the hard label ignores (the confidence threshold of the pseudo labels).
 """
 import copy
 
@@ -22,20 +30,54 @@ __all__ = [
     "CentroidCrop",
     "RandomGaussianBlur",
     "RandomSaturation",
+    "pixel_index_map",
+    "decode_pixel_index",
+    "soft_targets_at",
 ]
 
 
-class CenteredAugInput(T.AugInput):
-    """An AugInput that also carries an optional crop centre (y, x), moved along by every transform, and
-    an optional absolute crop size (h, w) that replaces the configured one (crop-size schedules)."""
+def pixel_index_map(height, width):
+    """``[H, W, 3]`` uint8 (4 channels beyond 2^24 pixels): each pixel's flat index ``y * W + x`` as little-endian
+    bytes, an image that every transform moves as it moves a label map."""
+    n = height * width
+    channels = 3 if n <= 1 << 24 else 4
+    return np.ascontiguousarray(np.arange(n, dtype="<u4").view(np.uint8).reshape(height, width, 4)[..., :channels])
 
-    def __init__(self, image, *, sem_seg=None, crop_center=None, crop_size=None):
+
+def decode_pixel_index(index_map):
+    """The int64 ``[h, w]`` flat source indices held by a (transformed) :func:`pixel_index_map`."""
+    index_map = index_map.astype(np.int64)
+    return sum(index_map[..., c] << (8 * c) for c in range(index_map.shape[-1]))
+
+
+def soft_targets_at(soft, pixels, labels, ignore_label, min_mass=0.0):
+    """``(classes [k, h, w], probs [k, h, w] float32, labels [h, w])`` of a soft label (``indices`` / ``probs``
+    ``[k, H, W]``) at the flat source ``pixels`` ``[h, w]``: probabilities renormalised to sum to 1, and
+    ``labels`` set to ``ignore_label`` where the stored mass is below ``min_mass`` (or zero)."""
+    k = soft["indices"].shape[0]
+    classes = soft["indices"].reshape(k, -1)[:, pixels]
+    probs = soft["probs"].reshape(k, -1)[:, pixels].astype(np.float32)
+    mass = probs.sum(0)
+    keep = (mass >= min_mass) & (mass > 0)
+    probs = np.where(keep, probs / np.where(keep, mass, 1.0), 0.0).astype(np.float32)
+    return classes, probs, np.where(keep, labels, ignore_label).astype(labels.dtype)
+
+
+class CenteredAugInput(T.AugInput):
+    """An AugInput that also carries an optional crop centre (y, x), moved along by every transform, an
+    optional absolute crop size (h, w) that replaces the configured one (crop-size schedules), and an optional
+    ``pixel_index`` map (:func:`pixel_index_map`) transformed as the label map is."""
+
+    def __init__(self, image, *, sem_seg=None, crop_center=None, crop_size=None, pixel_index=None):
         super().__init__(image, sem_seg=sem_seg)
         self.crop_center = None if crop_center is None else tuple(float(v) for v in crop_center)
         self.crop_size = None if crop_size is None else tuple(int(v) for v in crop_size)
+        self.pixel_index = pixel_index
 
     def transform(self, tfm):
         super().transform(tfm)
+        if self.pixel_index is not None:
+            self.pixel_index = tfm.apply_segmentation(self.pixel_index)
         if self.crop_center is not None:
             y, x = self.crop_center
             # Pixel (y, x) covers [x, x + 1) x [y, y + 1): transform its middle.
@@ -189,14 +231,18 @@ class SemanticMapper:
     supports_crop_center = True  # training crops around a record's "crop_center" (centroid sampling)
     supports_crop_size = True  # and at a record's "crop_size" (crop-size schedules)
 
+    supports_soft_labels = True  # a record's "soft_label_file_name" when its "use_soft_label" is True
+
     @configurable
-    def __init__(self, *, is_train, augmentations, image_format, num_classes, ignore_label, decode_cache_mb=0):
+    def __init__(self, *, is_train, augmentations, image_format, num_classes, ignore_label, decode_cache_mb=0,
+                 soft_min_mass=0.0):
         self.is_train = is_train
         self.cache = DecodeCache(decode_cache_mb * 2**20) if decode_cache_mb > 0 else None
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.num_classes = num_classes
         self.ignore_label = ignore_label
+        self.soft_min_mass = soft_min_mass
 
     @classmethod
     def from_config(cls, cfg, is_train=True):
@@ -207,7 +253,21 @@ class SemanticMapper:
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             "ignore_label": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             "decode_cache_mb": cfg.DATALOADER.DECODE_CACHE_MB if is_train else 0,
+            "soft_min_mass": cfg.DATALOADER.SOFT_LABEL_MIN_MASS,
         }
+
+    def _read_soft(self, record, image_shape):
+        from ...pseudo_labels.storage import read_soft_label  # the one reader of the format (a layer above)
+
+        path = record["soft_label_file_name"]
+        soft = read_soft_label(path)
+        if soft["indices"].shape[1:] != image_shape or soft["num_classes"] != self.num_classes:
+            raise ValueError(
+                f"soft pseudo label {path} holds {soft['num_classes']} classes at {soft['indices'].shape[:0:-1]} "
+                f"(WxH), but the model has {self.num_classes} classes and image {record['file_name']} is "
+                f"{image_shape[::-1]}"
+            )
+        return soft
 
     def __call__(self, dataset_dict):
         record = copy.copy(dataset_dict)
@@ -223,10 +283,22 @@ class SemanticMapper:
                 )
         center = record.get("crop_center") if self.is_train else None
         size = record.get("crop_size") if self.is_train else None
-        aug_input = CenteredAugInput(image, sem_seg=sem_seg, crop_center=center, crop_size=size)
+        soft = None
+        if sem_seg is not None and record.pop("use_soft_label", False):
+            soft = self._read_soft(record, image.shape[:2])
+        pixel_index = None if soft is None else pixel_index_map(*image.shape[:2])
+        aug_input = CenteredAugInput(image, sem_seg=sem_seg, crop_center=center, crop_size=size,
+                                     pixel_index=pixel_index)
         self.augmentations(aug_input)
         image = aug_input.image
         record["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if soft is not None:
+            classes, probs, labels = soft_targets_at(soft, decode_pixel_index(aug_input.pixel_index), aug_input.sem_seg,
+                                                     self.ignore_label, self.soft_min_mass)
+            aug_input.sem_seg = labels
+            record["sem_seg_soft_classes"] = torch.as_tensor(classes if classes.dtype == np.uint8 else
+                                                             classes.astype(np.int32))
+            record["sem_seg_soft_probs"] = torch.as_tensor(probs)
         if sem_seg is not None:
             record["sem_seg"] = torch.as_tensor(aug_input.sem_seg.astype("int64"))
         record.pop("annotations", None)

@@ -21,6 +21,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.projects.deeplab.loss import DeepLabCE
 from torch import nn
 
+from ..dense_loss import dense_cross_entropy, padded_soft_targets
 from .dense import normalized_images, padded_targets, sem_seg_results
 
 __all__ = ["FastSCNN", "Bottleneck", "DSConv", "PyramidPooling", "FeatureFusion"]
@@ -107,6 +108,8 @@ class FeatureFusion(nn.Module):
 
 @META_ARCH_REGISTRY.register()
 class FastSCNN(nn.Module):
+    accepts_soft_labels = True  # inputs' "sem_seg_soft_classes" / "sem_seg_soft_probs" (the semantic mapper's)
+
     @configurable
     def __init__(
         self,
@@ -212,5 +215,10 @@ class FastSCNN(nn.Module):
         scores = self.logits(images.tensor)
         if self.training:
             targets = padded_targets(batched_inputs, self.size_divisibility, self.ignore_value, "FastSCNN", self.device)
-            return {"loss_sem_seg": self.loss(scores, targets) * self.loss_weight}
+            soft = padded_soft_targets(batched_inputs, self.size_divisibility, self.device)
+            if soft is None:
+                return {"loss_sem_seg": self.loss(scores, targets) * self.loss_weight}
+            top_k = self.loss.top_k_percent_pixels if isinstance(self.loss, DeepLabCE) else None
+            loss = dense_cross_entropy(scores, targets, self.ignore_value, soft, top_k)
+            return {"loss_sem_seg": loss * self.loss_weight}
         return sem_seg_results(scores, batched_inputs, images.image_sizes)

@@ -24,6 +24,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from torch import nn
 
 from ..backbone import timm_features  # noqa: F401  (registers build_timm_backbone)
+from ..dense_loss import dense_cross_entropy, padded_soft_targets
 from .dense import normalized_images, padded_targets, sem_seg_results
 
 __all__ = ["PSPNet", "PyramidPoolingModule", "backbone_stages", "dilate_backbone", "dilate_stages"]
@@ -112,6 +113,8 @@ def _conv3x3(in_ch, out_ch, norm):
 
 @META_ARCH_REGISTRY.register()
 class PSPNet(nn.Module):
+    accepts_soft_labels = True  # inputs' "sem_seg_soft_classes" / "sem_seg_soft_probs" (the semantic mapper's)
+
     @configurable
     def __init__(self, *, backbone, in_feature, num_classes, pixel_mean, pixel_std, ppm_bins=(1, 2, 3, 6),
                  head_channels=512, dropout=0.1, norm="BN", aux_feature="", aux_weight=0.4, aux_channels=256,
@@ -169,6 +172,11 @@ class PSPNet(nn.Module):
     def device(self):
         return self.pixel_mean.device
 
+    def _loss(self, scores, targets, soft):
+        if soft is None:
+            return F.cross_entropy(scores, targets, ignore_index=self.ignore_value)
+        return dense_cross_entropy(scores, targets, self.ignore_value, soft)
+
     def forward(self, batched_inputs):
         images = normalized_images(batched_inputs, self.pixel_mean, self.pixel_std, self.size_divisibility)
         features = self.backbone(images.tensor)
@@ -176,12 +184,11 @@ class PSPNet(nn.Module):
         scores = F.interpolate(scores, size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
         if self.training:
             targets = padded_targets(batched_inputs, self.size_divisibility, self.ignore_value, "PSPNet", self.device)
-            main = F.cross_entropy(scores, targets, ignore_index=self.ignore_value)
-            losses = {"loss_sem_seg": main * self.loss_weight}
+            soft = padded_soft_targets(batched_inputs, self.size_divisibility, self.device)
+            losses = {"loss_sem_seg": self._loss(scores, targets, soft) * self.loss_weight}
             if self.aux_feature:
                 aux = self.aux_head(features[self.aux_feature])
                 aux = F.interpolate(aux, size=targets.shape[-2:], mode="bilinear", align_corners=False)
-                aux = F.cross_entropy(aux, targets, ignore_index=self.ignore_value)
-                losses["loss_sem_seg_aux"] = aux * self.aux_weight
+                losses["loss_sem_seg_aux"] = self._loss(aux, targets, soft) * self.aux_weight
             return losses
         return sem_seg_results(scores, batched_inputs, images.image_sizes)
