@@ -398,9 +398,12 @@ def _add_distill_keys(cfg):
     d.SKD = CN()  # pair-wise similarity distillation (Liu et al.) on pooled cells
     d.SKD.WEIGHT = 1.0
     d.SKD.TAP = "features"
-    d.SKD.PATCH = 2  # cell size (in tap pixels) of the pooling before the similarities
-    d.SKD.POOL = "max"  # "max" or "avg"
-    d.IFVD = CN()  # intra-class feature variation distillation (Wang et al.)
+    # Cell side as a share of the map's side, int(side x scale), before the similarities: the original's pool
+    # scale (0.5: 2x2 nodes on an even-sized map). 0 = cells of PATCH tap pixels instead.
+    d.SKD.POOL_SCALE = 0.5
+    d.SKD.PATCH = 1  # cell size in tap pixels when POOL_SCALE is 0 (1 = the per-pixel variant)
+    d.SKD.POOL = "max"  # "max" (the original) or "avg"
+    d.IFVD = CN()  # intra-class feature variation distillation (Wang et al.), averaged over all pixels
     d.IFVD.WEIGHT = 1.0
     d.IFVD.TAP = "features"
     d.HOLISTIC = CN()  # adversarial (Wasserstein) distillation of class-probability maps (Liu et al.)

@@ -200,7 +200,7 @@ def test_kd_losses_are_float32_under_fp16_autocast_at_real_map_sizes():
 
     student, teacher = maps(), maps()
     losses = [IntraClassVariationKD(weight=1.0, num_classes=classes), PixelKD(weight=1.0, tau=4.0),
-              ChannelWiseKD(weight=1.0, tau=4.0), PairwiseSimilarityKD(weight=1.0, patch=8)]
+              ChannelWiseKD(weight=1.0, tau=4.0), PairwiseSimilarityKD(weight=1.0, pool_scale=0.0, patch=8)]
     inputs = KDInputs(labels, None, 255)
     reference = kd_loss_terms(losses, student, teacher, inputs)
     half = {k: v.half() for k, v in student.items()}, {k: v.half() for k, v in teacher.items()}

@@ -12,6 +12,7 @@ from selftrain_d2.distill.losses import (
     adam_update_,
     channel_wise_kd_loss,
     intra_class_variation_loss,
+    node_patch,
     pairwise_similarity_loss,
     pixel_kd_loss,
     prototype_similarity,
@@ -85,6 +86,76 @@ def test_pairwise_similarity_matches_hand_computation():
     assert pairwise_similarity_loss(s, t, patch=2).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def _cosine(a, b):
+    return sum(x * y for x, y in zip(a, b)) / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def _skd_original(fs, ft, scale):
+    """Structured KD's pair-wise term as the original defines it, in plain Python on one image (C x H x W
+    lists): max-pool over cells of int(side x scale) (a partial last cell kept), cosine similarity of every
+    pair of cells, sum of squared differences over the M x M pairs divided by M^2."""
+    h, w = len(ft[0]), len(ft[0][0])
+    ph, pw = max(1, int(h * scale)), max(1, int(w * scale))
+
+    def nodes(f):
+        return [[max(f[c][y][x] for y in range(y0, min(y0 + ph, h)) for x in range(x0, min(x0 + pw, w)))
+                 for c in range(len(f))] for y0 in range(0, h, ph) for x0 in range(0, w, pw)]
+
+    ns, nt = nodes(fs), nodes(ft)
+    m = len(nt)
+    return sum((_cosine(ns[i], ns[j]) - _cosine(nt[i], nt[j])) ** 2 for i in range(m) for j in range(m)) / m**2
+
+
+def test_structured_kd_default_pools_to_the_originals_nodes():
+    cfg = get_selftrain_cfg()
+    cfg.DISTILL.LOSSES = ["skd"]
+    loss = build_kd_losses(cfg)["skd"]
+    assert (loss.pool_scale, loss.pool, loss.patch) == (0.5, "max", 1)
+    assert node_patch((4, 4), 0.5) == (2, 2) and node_patch((5, 7), 0.5) == (2, 3) and node_patch((1, 9), 0.5) == (1, 4)
+    # 4x4 maps at scale 0.5: 2x2 cells of 2x2 pixels, four nodes. Student: the top-left cell points along
+    # channel 0, the others along channel 1; teacher: all four along channel 0.
+    s = torch.zeros(1, 2, 4, 4)
+    s[0, 1] = 1.0
+    s[0, 0, :2, :2], s[0, 1, :2, :2] = 1.0, 0.0
+    t = torch.zeros(1, 3, 4, 4)
+    t[0, 0] = 2.0
+    t[0, 2, 3, 3] = 0.5  # max pooling keeps it: the bottom-right node of the teacher turns a little
+    c = 2 / math.sqrt(4.25)  # cosine of (2, 0, 0) and (2, 0, 0.5)
+    # Student similarities: 1 on the diagonal and among the last three nodes, 0 between node 0 and the others.
+    # Teacher: 1 except c between node 3 and the others. Differences: (0 - 1) on pairs (0,1), (0,2) and their
+    # mirrors; (0 - c) on (0,3), (3,0); (1 - c) on (1,3), (2,3), (3,1), (3,2).
+    expected = (4 * 1 + 2 * c**2 + 4 * (1 - c) ** 2) / 16
+    out = loss({"features": s}, {"features": t}, KDInputs())["loss_kd_skd"]
+    assert out.item() == pytest.approx(expected, rel=1e-5)
+    assert out.item() == pytest.approx(_skd_original(s[0].tolist(), t[0].tolist(), 0.5), rel=1e-5)
+
+
+@pytest.mark.parametrize("size", [(5, 5), (6, 9), (8, 8)])
+def test_structured_kd_matches_the_original_formula_on_random_maps(size):
+    torch.manual_seed(sum(size))
+    s, t = torch.randn(1, 3, *size), torch.randn(1, 4, *size)
+    cfg = get_selftrain_cfg()
+    cfg.DISTILL.LOSSES = ["skd"]
+    pooled = build_kd_losses(cfg)["skd"]({"features": s}, {"features": t}, KDInputs())["loss_kd_skd"]
+    assert pooled.item() == pytest.approx(_skd_original(s[0].tolist(), t[0].tolist(), 0.5), rel=1e-4)
+    # The per-pixel variant: POOL_SCALE 0 with cells of PATCH 1 pixel, every pixel a node.
+    cfg.DISTILL.SKD.POOL_SCALE, cfg.DISTILL.SKD.PATCH = 0.0, 1
+    per_pixel = build_kd_losses(cfg)["skd"]({"features": s}, {"features": t}, KDInputs())["loss_kd_skd"]
+    assert per_pixel.item() == pytest.approx(_skd_original(s[0].tolist(), t[0].tolist(), 1e-9), rel=1e-4)
+    assert per_pixel.item() == pytest.approx(pairwise_similarity_loss(s, t, patch=1).item(), rel=1e-6)
+
+
+def test_structured_kd_settings_errors():
+    cfg = get_selftrain_cfg()
+    cfg.DISTILL.LOSSES = ["skd"]
+    cfg.DISTILL.SKD.PATCH = 4
+    with pytest.raises(ValueError, match="DISTILL.SKD.PATCH=4 is used only with DISTILL.SKD.POOL_SCALE 0"):
+        build_kd_losses(cfg)
+    cfg.DISTILL.SKD.PATCH, cfg.DISTILL.SKD.POOL_SCALE = 1, 1.5
+    with pytest.raises(ValueError, match="DISTILL.SKD.POOL_SCALE=1.5"):
+        build_kd_losses(cfg)
+
+
 def test_intra_class_variation_matches_hand_computation():
     labels = torch.tensor([[[0, 0, 1, 255]]])
     s = torch.tensor([[[[1.0, 0.0, 2.0, 5.0]], [[0.0, 1.0, 0.0, 5.0]]]])
@@ -93,8 +164,46 @@ def test_intra_class_variation_matches_hand_computation():
     # Teacher: class-0 prototype (1, 0): cosine 1 for pixels 0 and 1; class 1 alone: cosine 1.
     sim_s = prototype_similarity(s, labels, 2)
     assert sim_s[0, 0].tolist() == pytest.approx([1 / math.sqrt(2), 1 / math.sqrt(2), 1.0, 0.0], rel=1e-5)
-    expected = 2 * (1 / math.sqrt(2) - 1) ** 2 / 3  # three labelled pixels
+    # The unlabelled pixel adds 0 but counts: the mean is over all four pixels, as the original's MSELoss.
+    expected = 2 * (1 / math.sqrt(2) - 1) ** 2 / 4
     assert intra_class_variation_loss(s, t, labels, 2).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _ifvd_original(fs, ft, labels, num_classes):
+    """IFVD as the original defines it, in plain Python on one image (C x H x W lists, H x W labels): every
+    pixel of class k is compared (cosine) with its class's mean feature, every other pixel with itself; the
+    loss is the mean over all H x W pixels of the squared student - teacher difference."""
+    h, w = len(labels), len(labels[0])
+    pixels = [(y, x) for y in range(h) for x in range(w)]
+
+    def similarities(f):
+        vec = {p: [f[c][p[0]][p[1]] for c in range(len(f))] for p in pixels}
+        centre = dict(vec)
+        for k in range(num_classes):
+            members = [p for p in pixels if labels[p[0]][p[1]] == k]
+            if members:
+                mean = [sum(vec[p][c] for p in members) / len(members) for c in range(len(f))]
+                centre.update({p: mean for p in members})
+        return {p: _cosine(vec[p], centre[p]) for p in pixels}
+
+    ss, st = similarities(fs), similarities(ft)
+    return sum((ss[p] - st[p]) ** 2 for p in pixels) / len(pixels)
+
+
+def test_intra_class_variation_matches_the_original_formula_over_all_pixels():
+    torch.manual_seed(3)
+    labels = torch.randint(0, 3, (2, 5, 6))
+    labels[0, :2] = 255  # 12 of the 60 pixels unlabelled
+    labels[1, :, 0] = 255  # 5 more
+    s, t = torch.randn(2, 4, 5, 6), torch.randn(2, 3, 5, 6)
+    got = intra_class_variation_loss(s, t, labels, 3)
+    per_image = [_ifvd_original(s[i].tolist(), t[i].tolist(), labels[i].tolist(), 3) for i in range(2)]
+    assert got.item() == pytest.approx(sum(per_image) / 2, rel=1e-5)
+    # Dividing by the labelled pixels only (before issue 24) inflated it by 1 / (labelled share).
+    labelled = float(((labels >= 0) & (labels < 3)).float().mean())
+    diff = prototype_similarity(s, labels, 3) - prototype_similarity(t, labels, 3)
+    labelled_only = float((diff**2).sum()) / float(((labels >= 0) & (labels < 3)).sum())
+    assert labelled == pytest.approx(43 / 60) and got.item() == pytest.approx(labelled_only * labelled, rel=1e-5)
 
 
 def test_adam_update_matches_torch_adam():

@@ -44,6 +44,7 @@ __all__ = [
     "channel_wise_kd_loss",
     "gradient_penalty",
     "intra_class_variation_loss",
+    "node_patch",
     "pairwise_similarity_loss",
     "pixel_kd_loss",
     "prototype_similarity",
@@ -97,15 +98,22 @@ def _pairwise_similarity(feat):
     return flat.transpose(1, 2) @ flat
 
 
+def node_patch(size, scale):
+    """(ph, pw) cell size of structured KD's pooling for a map of ``size`` (H, W) at pool ``scale``: the
+    original's ``int(side x scale)`` per side (at least 1), so 0.5 gives 2 x 2 nodes on an even-sized map."""
+    return tuple(max(1, int(side * scale)) for side in size)
+
+
 def pairwise_similarity_loss(student_feat, teacher_feat, patch=1, pool="max"):
-    """Pair-wise distillation (Liu et al., structured KD): the maps are pooled over ``patch`` x ``patch``
-    cells (``pool`` "max" or "avg", partial cells kept), every pair of cells gets the cosine similarity of
-    its feature vectors, and the loss is the mean squared difference of the student's and the teacher's
+    """Pair-wise distillation (Liu et al., structured KD): the maps are pooled over ``patch`` cells (an int
+    or (ph, pw); ``pool`` "max" or "avg", partial cells kept), every pair of cells gets the cosine similarity
+    of its feature vectors, and the loss is the mean squared difference of the student's and the teacher's
     M x M similarity matrices. Channel counts may differ; spatial sizes must match."""
     if student_feat.shape[-2:] != teacher_feat.shape[-2:]:
         raise ValueError(f"pair-wise KD needs equal spatial sizes, got {tuple(student_feat.shape[-2:])} "
                          f"and {tuple(teacher_feat.shape[-2:])}")
-    if patch > 1:
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    if max(patch) > 1:
         pooling = {"max": F.max_pool2d, "avg": F.avg_pool2d}[pool]
         student_feat = pooling(student_feat, patch, patch, ceil_mode=True)
         teacher_feat = pooling(teacher_feat, patch, patch, ceil_mode=True)
@@ -130,14 +138,15 @@ def prototype_similarity(feat, labels, num_classes):
 
 
 def intra_class_variation_loss(student_feat, teacher_feat, labels, num_classes):
-    """IFVD (Wang et al., 2020): the mean squared difference, over labelled pixels, between the student's
-    and the teacher's pixel-to-class-prototype cosine similarity maps (:func:`prototype_similarity`).
-    Channel counts may differ; spatial sizes must match ``labels`` (N x H x W)."""
-    valid = (labels >= 0) & (labels < num_classes)
+    """IFVD (Wang et al., 2020): the mean squared difference, over all N x H x W pixels as the original,
+    between the student's and the teacher's pixel-to-class-prototype cosine similarity maps
+    (:func:`prototype_similarity`). Unlabelled pixels add 0 (the original compares each such pixel with
+    itself: similarity 1 on both sides) but count in the mean. Channel counts may differ; spatial sizes
+    must match ``labels`` (N x H x W)."""
     diff = prototype_similarity(student_feat, labels, num_classes) - prototype_similarity(
         teacher_feat, labels, num_classes
     )
-    return (diff**2 * valid).sum() / valid.sum().clamp(min=1)
+    return (diff**2).mean()
 
 
 def wasserstein_critic_loss(critic_real, critic_fake):
@@ -272,20 +281,31 @@ class PairwiseSimilarityKD(KDLoss):
     name = "skd"
 
     @configurable
-    def __init__(self, *, weight, tap="features", patch=2, pool="max"):
+    def __init__(self, *, weight, tap="features", pool_scale=0.5, patch=1, pool="max"):
         super().__init__()
         if pool not in ("max", "avg"):
             raise ValueError(f"DISTILL.SKD.POOL={pool!r}: use 'max' or 'avg'")
-        self.weight, self.tap, self.patch, self.pool = weight, tap, patch, pool
+        if not 0 <= pool_scale <= 1:
+            raise ValueError(f"DISTILL.SKD.POOL_SCALE={pool_scale}: a share of the map's side, 0 < scale <= 1 "
+                             "(0: fixed cells of DISTILL.SKD.PATCH)")
+        if pool_scale > 0 and patch != 1:
+            raise ValueError(f"DISTILL.SKD.PATCH={patch} is used only with DISTILL.SKD.POOL_SCALE 0 (it is "
+                             f"{pool_scale}): set one of them")
+        if patch < 1:
+            raise ValueError(f"DISTILL.SKD.PATCH={patch}: a cell size of at least 1 tap pixel")
+        self.weight, self.tap, self.pool_scale, self.patch, self.pool = weight, tap, pool_scale, patch, pool
         self.taps = (tap,)
 
     @classmethod
     def from_config(cls, cfg):
         c = cfg.DISTILL.SKD
-        return {"weight": c.WEIGHT, "tap": _tap(c, "SKD", "skd"), "patch": c.PATCH, "pool": c.POOL}
+        return {"weight": c.WEIGHT, "tap": _tap(c, "SKD", "skd"), "pool_scale": c.POOL_SCALE, "patch": c.PATCH,
+                "pool": c.POOL}
 
     def forward(self, student, teacher, inputs):
-        loss = pairwise_similarity_loss(student[self.tap], teacher[self.tap], self.patch, self.pool)
+        s, t = student[self.tap], teacher[self.tap]
+        patch = node_patch(t.shape[-2:], self.pool_scale) if self.pool_scale > 0 else self.patch
+        loss = pairwise_similarity_loss(s, t, patch, self.pool)
         return {self.output_name(): self.weight * loss}
 
 
