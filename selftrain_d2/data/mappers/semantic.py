@@ -12,6 +12,7 @@ probabilities are renormalised to sum to 1; pixels whose stored mass is below ``
 label, as do those the hard label ignores (the confidence threshold of the pseudo labels).
 """
 import copy
+import functools
 
 import cv2
 import numpy as np
@@ -36,18 +37,22 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=8)
 def pixel_index_map(height, width):
     """``[H, W, 3]`` uint8 (4 channels beyond 2^24 pixels): each pixel's flat index ``y * W + x`` as little-endian
-    bytes, an image that every transform moves as it moves a label map."""
+    bytes, an image that every transform moves as it moves a label map. Cached per size, hence read-only."""
     n = height * width
     channels = 3 if n <= 1 << 24 else 4
-    return np.ascontiguousarray(np.arange(n, dtype="<u4").view(np.uint8).reshape(height, width, 4)[..., :channels])
+    index_map = np.ascontiguousarray(np.arange(n, dtype="<u4").view(np.uint8).reshape(height, width, 4)[..., :channels])
+    index_map.flags.writeable = False
+    return index_map
 
 
 def decode_pixel_index(index_map):
-    """The int64 ``[h, w]`` flat source indices held by a (transformed) :func:`pixel_index_map`."""
-    index_map = index_map.astype(np.int64)
-    return sum(index_map[..., c] << (8 * c) for c in range(index_map.shape[-1]))
+    """The ``[h, w]`` flat source indices (uint32) held by a (transformed) :func:`pixel_index_map`."""
+    padded = np.zeros(index_map.shape[:2] + (4,), np.uint8)
+    padded[..., :index_map.shape[-1]] = index_map
+    return padded.view("<u4")[..., 0]
 
 
 def soft_targets_at(soft, pixels, labels, ignore_label, min_mass=0.0):
@@ -55,12 +60,14 @@ def soft_targets_at(soft, pixels, labels, ignore_label, min_mass=0.0):
     ``[k, H, W]``) at the flat source ``pixels`` ``[h, w]``: probabilities renormalised to sum to 1, and
     ``labels`` set to ``ignore_label`` where the stored mass is below ``min_mass`` (or zero)."""
     k = soft["indices"].shape[0]
-    classes = soft["indices"].reshape(k, -1)[:, pixels]
-    probs = soft["probs"].reshape(k, -1)[:, pixels].astype(np.float32)
+    classes = np.take(soft["indices"].reshape(k, -1), pixels, axis=1)
+    probs = np.take(soft["probs"].reshape(k, -1), pixels, axis=1).astype(np.float32, copy=False)
     mass = probs.sum(0)
     keep = (mass >= min_mass) & (mass > 0)
-    probs = np.where(keep, probs / np.where(keep, mass, 1.0), 0.0).astype(np.float32)
-    return classes, probs, np.where(keep, labels, ignore_label).astype(labels.dtype)
+    probs /= np.where(keep, mass, np.inf)  # 0 where not kept
+    labels = labels.copy()
+    labels[~keep] = ignore_label
+    return classes, probs, labels
 
 
 class CenteredAugInput(T.AugInput):
