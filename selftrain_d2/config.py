@@ -211,8 +211,13 @@ def _add_semisup_keys(cfg):
     ss.BURN_IN_ITERS = 1000
     # EMA decay of the teacher after burn-in (teacher <- d * teacher + (1 - d) * student, every step).
     ss.EMA_DECAY = 0.9996
-    # lambda_u: weight of the unsupervised loss (student on strong views vs. the teacher's pseudo labels).
-    ss.UNSUP_LOSS_WEIGHT = 1.0
+    # lambda_u: weight of the unsupervised loss (student on strong views vs. the teacher's pseudo labels);
+    # 2.0 as the reference code (its unsupervised losses are doubled; the paper names no value).
+    ss.UNSUP_LOSS_WEIGHT = 2.0
+    # Unlabeled images without pseudo objects: "no_object" (the reference): they stay in the unsupervised
+    # loss and their queries learn "no object"; "zero_if_all_empty" (before issue 24): that loss is zeroed
+    # in a process whose whole unlabeled batch is empty (a batch with some objects still trains on every image).
+    ss.EMPTY_PSEUDO_LABELS = "no_object"
     # Unlabeled images per step, over all processes (like SOLVER.IMS_PER_BATCH).
     ss.UNLABELED_IMS_PER_BATCH = 16
     # An unlabeled batch is drawn at every iteration that is a multiple of this.
@@ -232,15 +237,20 @@ def _add_semisup_keys(cfg):
     # "instance": per-object masks from the teacher's queries; "semantic": per-pixel class labels.
     pl.TARGETS = "instance"
     # Filters applied in order to each image's queries (selftrain_d2.teacher.filters.PSEUDO_FILTER_REGISTRY).
-    pl.FILTERS = ["drop_no_object", "class_confidence", "binarize_masks", "min_mask_area"]
+    # The reference's chain: no object, class probability, soft area at the mask head's resolution, then
+    # binary masks (ours upsampled to the image before the threshold; the reference's stay at mask resolution).
+    pl.FILTERS = ["drop_no_object", "class_confidence", "soft_mask_area", "binarize_masks"]
     # Minimum class probability of a pseudo object; semantic targets: minimum class share per pixel.
     pl.SCORE_THRESHOLD = 0.7
     # Per-class minimum class probabilities (one per class); [] uses SCORE_THRESHOLD for every class.
     pl.CLASS_THRESHOLDS = []
     # Mask foreground where sigmoid(mask logit) >= this.
     pl.MASK_THRESHOLD = 0.5
-    # Pseudo objects with fewer mask pixels are dropped.
+    # "min_mask_area" filter: pseudo objects with fewer binary mask pixels (at the input resolution) are dropped.
     pl.MIN_MASK_AREA = 5
+    # "soft_mask_area" filter: kept when the sum of sigmoid(mask logit) over the mask head's low-resolution map
+    # is above this (the reference's 5; about 80 input pixels at stride 4).
+    pl.MIN_SOFT_MASK_AREA = 5.0
     # "mask_quality" filter: minimum mean foreground probability inside the binary mask.
     pl.MASK_QUALITY_THRESHOLD = 0.5
     sa = ss.STRONG_AUG = CN()
@@ -249,6 +259,9 @@ def _add_semisup_keys(cfg):
     sa.BRIGHTNESS = 0.4
     sa.CONTRAST = 0.4
     sa.SATURATION = 0.4
+    # Hue shift of the colour jitter, in turns of the hue circle drawn from [-HUE, HUE] (the reference's 0.1);
+    # the four jitter changes are applied in a random order, as torchvision's ColorJitter does.
+    sa.HUE = 0.1
     # Probability of turning the strong view gray.
     sa.GRAYSCALE_PROB = 0.2
     # Gaussian blur of the strong view: probability and the range its sigma (pixels) is drawn from.
@@ -256,7 +269,8 @@ def _add_semisup_keys(cfg):
     sa.BLUR_SIGMA = (0.1, 2.0)
     # Random erasing (cutout) of the strong view: up to ERASE_COUNT boxes, each with probability ERASE_PROB,
     # covering a share of the image drawn from ERASE_SCALE with an aspect ratio from ERASE_RATIO, filled with noise.
-    sa.ERASE_PROB = 0.7
+    # Off (0.0) as in the reference code, where it is commented out (0.7 before issue 24).
+    sa.ERASE_PROB = 0.0
     sa.ERASE_COUNT = 1
     sa.ERASE_SCALE = (0.02, 0.2)
     sa.ERASE_RATIO = (0.3, 3.3)

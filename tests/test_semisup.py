@@ -15,6 +15,7 @@ from detectron2.utils.events import EventStorage
 from selftrain_d2.config import load_config
 from selftrain_d2.engine import SemiSupervisedTrainer, TRAINER_REGISTRY, default_argument_parser
 from selftrain_d2.engine.train_step import check_finite_losses
+from selftrain_d2.teacher import raw_predictions
 
 from .conftest import ROOT
 from .test_training import _Killed, _KillAfter
@@ -149,9 +150,46 @@ def test_guided_mode_needs_the_teacher_weights(tmp_path):
         trainer.resume_or_load(resume=False)
 
 
-def test_empty_pseudo_labels_give_zero_unsupervised_loss(tmp_path, teacher_weights):
+def test_images_without_pseudo_objects_learn_no_object(tmp_path, teacher_weights):
+    # The reference's behaviour (the default): no pseudo object above the threshold 1.01, yet the queries of
+    # the strong views are trained to "no object": loss_ce_unsup = lambda_u x class weight x the mean over
+    # queries of -log p(no object), and a gradient step raises p(no object).
     trainer = SemiSupervisedTrainer(_cfg(tmp_path, "SEMISUP.PSEUDO_LABELS.SCORE_THRESHOLD", "1.01",
-                                         "SEMISUP.TEACHER.WEIGHTS", teacher_weights, "SEMISUP.UNSUP_LOSS_WEIGHT", "2.0"))
+                                         "SEMISUP.TEACHER.WEIGHTS", teacher_weights))
+    cfg = trainer.cfg
+    assert cfg.SEMISUP.EMPTY_PSEUDO_LABELS == "no_object" and cfg.SEMISUP.UNSUP_LOSS_WEIGHT == 2.0
+    trainer.resume_or_load(resume=False)
+    step, student = trainer._trainer, trainer.model
+
+    def log_no_object(batch):
+        torch.manual_seed(0)  # the backbone's stochastic depth draws the same as in the training forward below
+        with torch.no_grad():
+            outputs, _, _ = raw_predictions(student, [{"image": r["image_strong"]} for r in batch])
+        return outputs["pred_logits"].float().log_softmax(-1)[..., -1].mean()
+
+    with EventStorage(0) as storage:
+        batch = step._unlabeled_batch(0)
+        before = log_no_object(batch)
+        torch.manual_seed(0)
+        losses = step.unsupervised_losses(trainer.teacher, batch)
+        assert storage.latest()["semisup/empty_pseudo_label_share"][0] == 1.0
+        expected = 2.0 * cfg.MODEL.MASK_FORMER.CLASS_WEIGHT * -before
+        assert losses["loss_ce_unsup"].item() == pytest.approx(expected.item(), rel=1e-4)
+        assert losses["loss_mask_unsup"].item() == 0.0 and losses["loss_dice_unsup"].item() == 0.0
+        student.zero_grad()
+        sum(losses.values()).backward()
+        with torch.no_grad():
+            for p in student.parameters():
+                if p.grad is not None:
+                    p -= 1e-3 * p.grad
+        assert log_no_object(batch) > before
+
+
+def test_empty_pseudo_labels_give_zero_unsupervised_loss(tmp_path, teacher_weights):
+    # The behaviour before issue 24, kept as an option: a batch without any pseudo object adds nothing.
+    trainer = SemiSupervisedTrainer(_cfg(tmp_path, "SEMISUP.PSEUDO_LABELS.SCORE_THRESHOLD", "1.01",
+                                         "SEMISUP.TEACHER.WEIGHTS", teacher_weights, "SEMISUP.UNSUP_LOSS_WEIGHT", "2.0",
+                                         "SEMISUP.EMPTY_PSEUDO_LABELS", "zero_if_all_empty"))
     trainer.resume_or_load(resume=False)
     step = trainer._trainer
     with EventStorage(0):

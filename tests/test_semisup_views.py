@@ -9,7 +9,7 @@ from detectron2.structures import BoxMode
 
 from selftrain_d2.config import get_selftrain_cfg
 from selftrain_d2.data import MAPPER_REGISTRY
-from selftrain_d2.data.mappers.views import StrongAugParams, strong_photometric
+from selftrain_d2.data.mappers.views import StrongAugParams, shift_hue, strong_photometric
 
 OFF = ["SEMISUP.STRONG_AUG.COLOR_JITTER_PROB", 0.0, "SEMISUP.STRONG_AUG.GRAYSCALE_PROB", 0.0,
        "SEMISUP.STRONG_AUG.BLUR_PROB", 0.0, "SEMISUP.STRONG_AUG.ERASE_PROB", 0.0]
@@ -121,3 +121,55 @@ def test_semantic_and_lsj_variants(record, tmp_path):
     assert torch.equal(out["image"][:, pad], out["image_strong"][:, pad])
     with pytest.raises(ValueError, match="training views only"):
         MAPPER_REGISTRY.get("mask_former_instance_weak_strong")(get_selftrain_cfg(), False)
+
+
+def test_strong_view_defaults_are_the_reference_codes():
+    params = StrongAugParams.from_config(get_selftrain_cfg())
+    # torchvision ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2, blur 0.5 at sigma 0.1..2, no erasing.
+    assert (params.color_jitter_prob, params.brightness, params.contrast, params.saturation, params.hue) == (
+        0.8, 0.4, 0.4, 0.4, 0.1)
+    assert (params.grayscale_prob, params.blur_prob, params.blur_sigma) == (0.2, 0.5, (0.1, 2.0))
+    assert params.erase_prob == 0.0
+    assert StrongAugParams() == params
+    cfg = get_selftrain_cfg()
+    cfg.SEMISUP.STRONG_AUG.HUE = 0.7
+    with pytest.raises(ValueError, match="SEMISUP.STRONG_AUG.HUE=0.7"):
+        StrongAugParams.from_config(cfg)
+
+
+def test_default_strong_view_erases_nothing(record):
+    # Colour jitter, grayscale and blur off, everything else at its default: the strong view is the weak one.
+    mapper = _mapper("mask_former_instance_weak_strong", "SEMISUP.STRONG_AUG.COLOR_JITTER_PROB", 0.0,
+                     "SEMISUP.STRONG_AUG.GRAYSCALE_PROB", 0.0, "SEMISUP.STRONG_AUG.BLUR_PROB", 0.0)
+    for seed in range(8):
+        out = _seeded(mapper, record, seed)
+        assert torch.equal(out["image"], out["image_strong"])
+
+
+def test_hue_shift_by_hand():
+    red = np.zeros((2, 3, 3), np.float32)
+    red[:, :, 0] = 255
+    np.testing.assert_allclose(shift_hue(red, 1 / 3), np.broadcast_to([0, 255, 0], red.shape), atol=0.01)
+    np.testing.assert_allclose(shift_hue(red, -1 / 3), np.broadcast_to([0, 0, 255], red.shape), atol=0.01)
+    np.testing.assert_allclose(shift_hue(red[:, :, ::-1], 1 / 3, "BGR"), np.broadcast_to([0, 255, 0], red.shape),
+                               atol=0.01)  # BGR in, BGR out: green stays in the middle channel
+    pink = np.full((1, 1, 3), 100, np.float32)
+    pink[..., 0] = 200
+    np.testing.assert_allclose(shift_hue(pink, 0.5), [[[100, 200, 200]]], atol=0.01)  # half a turn: cyan
+
+
+def test_colour_jitter_turns_the_hue_within_the_range():
+    # Only the hue changes (brightness, contrast, saturation factors are 1): hue of red (0 degrees) moves by at
+    # most HUE turns (0.1 = 36 degrees), both ways over seeds; saturation and value stay.
+    red = np.zeros((4, 4, 3), np.uint8)
+    red[:, :, 0] = 255
+    params = StrongAugParams(color_jitter_prob=1, brightness=0, contrast=0, saturation=0, hue=0.1, grayscale_prob=0,
+                             blur_prob=0, erase_prob=0)
+    hues = []
+    for seed in range(20):
+        np.random.seed(seed)
+        hsv = cv2.cvtColor(strong_photometric(red, params, "RGB"), cv2.COLOR_RGB2HSV_FULL).astype(int)
+        assert (hsv == hsv[0, 0]).all() and hsv[0, 0, 1] == 255 and hsv[0, 0, 2] == 255
+        hues.append((hsv[0, 0, 0] + 128) % 256 - 128)  # signed, in 1/256 turns
+    assert max(abs(h) for h in hues) <= 0.1 * 256 + 1
+    assert min(hues) < -5 and max(hues) > 5

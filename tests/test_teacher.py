@@ -21,6 +21,7 @@ from selftrain_d2.teacher.filters import (
     drop_no_object,
     mask_quality,
     min_mask_area,
+    soft_mask_area,
 )
 
 
@@ -169,18 +170,51 @@ def test_binarize_upsamples_low_resolution_masks_and_crops_padding():
     assert c.masks[0, :3, :3].all() and not c.masks[0, 5:, 5:].any()
 
 
+def _low_res_blobs():
+    """Three confident class-0 queries on a 64x64 input whose masks are 16x16 (the mask head's stride 4):
+    a 2x2 blob, a 3x3 blob, and nothing."""
+    logits = torch.log(torch.tensor([[0.9, 0.05, 0.03, 0.02]] * 3))
+    low = torch.full((3, 16, 16), -10.0)
+    low[0, 4:6, 4:6] = 8.0
+    low[1, 8:11, 8:11] = 8.0
+    return logits, low
+
+
+def test_soft_mask_area_drops_a_confident_2x2_low_res_blob():
+    logits, low = _low_res_blobs()
+    c = candidates_from_queries(logits, low, (64, 64), (64, 64))
+    area = low.sigmoid().flatten(1).sum(1)  # the reference's soft area: sum of sigmoid at the mask resolution
+    assert area[0].item() == pytest.approx(4 * torch.sigmoid(torch.tensor(8.0)).item() + 252 * 4.54e-5, rel=1e-3)
+    assert area.tolist() == pytest.approx([4.011, 9.008, 0.012], abs=1e-3)
+    kept = soft_mask_area(c, min_area=5.0)
+    assert kept.mask_logits.shape == (1, 16, 16) and torch.equal(kept.mask_logits[0], low[1])
+    assert len(soft_mask_area(c, min_area=4.0)) == 2  # the 2x2 blob passes a lower bar
+    # Binarised at the input resolution first, the 2x2 blob covers about 8x8 pixels and passes min_mask_area 5.
+    binary = binarize_masks(c)
+    assert binary.masks[0].sum() >= 49 and len(min_mask_area(binary, min_area=5)) == 2
+
+
 def test_default_filter_chain_from_config_gives_targets():
     cfg = get_selftrain_cfg()
     steps = build_pseudo_filters(cfg)
-    assert [fn.__name__ for fn, _ in steps] == ["drop_no_object", "class_confidence", "binarize_masks", "min_mask_area"]
-    assert steps[1][1] == {"threshold": 0.7, "class_thresholds": ()} and steps[3][1] == {"min_area": 5}
+    assert [fn.__name__ for fn, _ in steps] == ["drop_no_object", "class_confidence", "soft_mask_area",
+                                                "binarize_masks"]
+    assert steps[1][1] == {"threshold": 0.7, "class_thresholds": ()} and steps[2][1] == {"min_area": 5.0}
     logits, masks = _queries()
     t = instance_pseudo_labels(logits, masks, (8, 8), (8, 8), steps)
+    # Soft areas of the 8x8 masks: 16 x 0.95 + 48 x 0.02 = 16.2 and 16 x 0.73 + 48 x 0.02 = 12.6 kept;
+    # the tiny mask (3 px) of the 0.95 query: 3 x 0.99 + 61 x 0.02 = 4.1 dropped.
     assert t["labels"].tolist() == [0, 1] and t["masks"].dtype == torch.bool and t["masks"].shape == (2, 8, 8)
+    logits, low = _low_res_blobs()
+    t = instance_pseudo_labels(logits, low, (64, 64), (60, 62), steps)
+    assert t["masks"].shape == (1, 60, 62) and t["masks"][0, 34:42, 34:42].all()
+    rows, cols = t["masks"][0].nonzero().unbind(1)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (32, 43, 32, 43)  # the 3x3 blob, upsampled x4
     cfg.SEMISUP.PSEUDO_LABELS.FILTERS = ["drop_no_object", "nope"]
     with pytest.raises(KeyError, match="unknown filter 'nope'"):
         build_pseudo_filters(cfg)
-    assert {"drop_no_object", "class_confidence", "binarize_masks", "min_mask_area", "mask_quality"} <= {
+    assert {"drop_no_object", "class_confidence", "binarize_masks", "min_mask_area", "soft_mask_area",
+            "mask_quality"} <= {
         k for k, _ in PSEUDO_FILTER_REGISTRY}
 
 

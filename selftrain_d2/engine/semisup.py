@@ -49,6 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MODES = ("guided", "plain")
+EMPTY_POLICIES = ("no_object", "zero_if_all_empty")
 EVAL_MODELS = ("STUDENT", "TEACHER", "BOTH")
 
 
@@ -123,10 +124,14 @@ class SemiSupervisedStep(TrainStep):
     are applied (AMP, clipping) is :class:`TrainStep`'s."""
 
     def __init__(self, model, data_loader, optimizer, *, unlabeled_loader, labeler, schedule, unsup_weight,
-                 unlabeled_period, amp=None, clip=None, grad_scaler=None):
+                 unlabeled_period, empty_pseudo_labels="no_object", amp=None, clip=None, grad_scaler=None):
         super().__init__(model, data_loader, optimizer, amp=amp, clip=clip, grad_scaler=grad_scaler)
         if unlabeled_period < 1:
             raise ValueError(f"SEMISUP.UNLABELED_PERIOD must be >= 1, got {unlabeled_period}")
+        if empty_pseudo_labels not in EMPTY_POLICIES:
+            raise ValueError(f"SEMISUP.EMPTY_PSEUDO_LABELS must be one of {EMPTY_POLICIES}, "
+                             f"got {empty_pseudo_labels!r}")
+        self.empty_pseudo_labels = empty_pseudo_labels
         self.unlabeled_loader = unlabeled_loader
         self.labeler = labeler
         self.schedule = schedule
@@ -167,8 +172,9 @@ class SemiSupervisedStep(TrainStep):
         return inputs
 
     def unsupervised_losses(self, teacher, unlabeled):
-        """``{name + "_unsup": lambda_u x loss}`` of the student on the strong views; zeros (still in
-        the graph) when the teacher left no pseudo label in this process's batch."""
+        """``{name + "_unsup": lambda_u x loss}`` of the student on the strong views. An image without pseudo
+        objects trains its queries to "no object" (as the reference); with ``empty_pseudo_labels``
+        "zero_if_all_empty" the losses are zeros (still in the graph) when this process's batch has none."""
         with torch.no_grad(), self.autocast():
             outputs, pad_size, sizes = teacher.predict([{"image": r["image"]} for r in unlabeled])
         targets = self.labeler(outputs, pad_size, sizes)
@@ -180,7 +186,9 @@ class SemiSupervisedStep(TrainStep):
         with self.autocast():
             losses = self.model(self.student_inputs(unlabeled, targets))
         # The forward runs even when all are empty, so every process makes the same collective calls.
-        weight = 0.0 if all(empty) else self.unsup_weight
+        weight = self.unsup_weight
+        if self.empty_pseudo_labels == "zero_if_all_empty" and all(empty):
+            weight = 0.0
         return {f"{k}_unsup": v * weight for k, v in losses.items()}
 
     def next_batch(self):
@@ -261,6 +269,7 @@ class SemiSupervisedTrainer(Trainer):
             self._trainer.model, self._trainer.data_loader, self._trainer.optimizer,
             unlabeled_loader=build_unlabeled_loader(cfg, self.run_seed), labeler=PseudoLabeler(cfg),
             schedule=self.schedule, unsup_weight=ss.UNSUP_LOSS_WEIGHT, unlabeled_period=ss.UNLABELED_PERIOD,
+            empty_pseudo_labels=ss.EMPTY_PSEUDO_LABELS,
             amp=self._trainer.amp, clip=self._trainer.clip, grad_scaler=self._trainer.grad_scaler,
         )
         self.checkpointer.add_checkpointable("teacher", self.teacher)

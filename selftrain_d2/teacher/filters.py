@@ -29,6 +29,7 @@ __all__ = [
     "drop_no_object",
     "class_confidence",
     "binarize_masks",
+    "soft_mask_area",
     "min_mask_area",
     "mask_quality",
     "apply_filters",
@@ -144,6 +145,16 @@ def binarize_masks(c, *, threshold=0.5):
     area = masks.flatten(1).sum(1)
     quality = torch.where(masks, probs, 0).flatten(1).sum(1) / area.clamp(min=1)
     return replace(c, masks=masks, quality=quality)
+
+
+@register_pseudo_filter("soft_mask_area", from_config=lambda cfg: {"min_area": _pseudo_cfg(cfg).MIN_SOFT_MASK_AREA})
+def soft_mask_area(c, *, min_area=5.0):
+    """Keep candidates whose soft area, the sum of sigmoid(mask logit) over the whole mask map at the mask
+    head's own resolution (padding included), is above ``min_area``: the reference's test for an empty mask.
+    It needs no binary masks and counts cells of the mask map, not input pixels (at the mask head's stride 4,
+    an area of 5 is about 80 input pixels; :func:`min_mask_area` counts binary input pixels)."""
+    area = c.mask_logits.float().sigmoid().flatten(1).sum(1)
+    return c.select(area > min_area)
 
 
 def _need_masks(c, name):

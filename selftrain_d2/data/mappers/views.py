@@ -2,10 +2,10 @@
 
 The geometric augmentation (resize, crop, flip) is drawn once and applied to the image; that is the
 weak view (``image``), which the teacher labels. The strong view (``image_strong``) is the same
-pixels after photometric changes only (colour jitter, grayscale, Gaussian blur, random erasing;
-``SEMISUP.STRONG_AUG``), so the teacher's pseudo labels on the weak view are the student's targets on
-the strong one without any warping. Every random draw comes from NumPy's global RNG, which the
-training stream seeds per sample, so the views are a pure function of (seed, position).
+pixels after photometric changes only (colour jitter, grayscale, Gaussian blur, optional random erasing;
+``SEMISUP.STRONG_AUG``, by default the reference code's), so the teacher's pseudo labels on the weak view
+are the student's targets on the strong one without any warping. Every random draw comes from NumPy's
+global RNG, which the training stream seeds per sample, so the views are a pure function of (seed, position).
 
 Labels, when a record has them (tests, pseudo-label quality checks), go through the same geometry:
 ``instances`` for the instance variants, ``sem_seg`` for the semantic one.
@@ -35,6 +35,7 @@ from .mask_former import (
 
 __all__ = [
     "StrongAugParams",
+    "shift_hue",
     "strong_photometric",
     "WeakStrongMapper",
     "InstanceWeakStrongMapper",
@@ -49,10 +50,11 @@ class StrongAugParams:
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.4
+    hue: float = 0.1
     grayscale_prob: float = 0.2
     blur_prob: float = 0.5
     blur_sigma: Tuple[float, float] = (0.1, 2.0)
-    erase_prob: float = 0.7
+    erase_prob: float = 0.0
     erase_count: int = 1
     erase_scale: Tuple[float, float] = (0.02, 0.2)
     erase_ratio: Tuple[float, float] = (0.3, 3.3)
@@ -60,8 +62,12 @@ class StrongAugParams:
     @classmethod
     def from_config(cls, cfg):
         sa = cfg.SEMISUP.STRONG_AUG
-        return cls(sa.COLOR_JITTER_PROB, sa.BRIGHTNESS, sa.CONTRAST, sa.SATURATION, sa.GRAYSCALE_PROB, sa.BLUR_PROB,
-                   tuple(sa.BLUR_SIGMA), sa.ERASE_PROB, sa.ERASE_COUNT, tuple(sa.ERASE_SCALE), tuple(sa.ERASE_RATIO))
+        if not 0.0 <= sa.HUE <= 0.5:
+            raise ValueError(f"SEMISUP.STRONG_AUG.HUE={sa.HUE}: the hue shift is in turns of the hue circle, "
+                             "so 0 <= HUE <= 0.5")
+        return cls(sa.COLOR_JITTER_PROB, sa.BRIGHTNESS, sa.CONTRAST, sa.SATURATION, sa.HUE, sa.GRAYSCALE_PROB,
+                   sa.BLUR_PROB, tuple(sa.BLUR_SIGMA), sa.ERASE_PROB, sa.ERASE_COUNT, tuple(sa.ERASE_SCALE),
+                   tuple(sa.ERASE_RATIO))
 
 
 def _gray_weights(image_format):
@@ -73,17 +79,42 @@ def _factor(strength):
     return np.random.uniform(max(0.0, 1.0 - strength), 1.0 + strength)
 
 
+def shift_hue(img, shift, image_format="RGB"):
+    """``img`` (HWC float32, 3 channels, 0..255) with its hue turned by ``shift`` of the hue circle
+    (0.5 = half a turn); saturation and value are kept."""
+    to_hsv, from_hsv = ((cv2.COLOR_BGR2HSV, cv2.COLOR_HSV2BGR) if image_format == "BGR"
+                        else (cv2.COLOR_RGB2HSV, cv2.COLOR_HSV2RGB))
+    hsv = cv2.cvtColor(np.ascontiguousarray(img, np.float32) / 255.0, to_hsv)  # float input: hue in degrees
+    hsv[:, :, 0] = np.mod(hsv[:, :, 0] + 360.0 * shift, 360.0)
+    return cv2.cvtColor(hsv, from_hsv) * 255.0
+
+
+def _color_jitter(img, params, weights, image_format):
+    # torchvision's ColorJitter (the reference's): factors drawn once, the four changes in a random order,
+    # each clipped to the pixel range.
+    b, c, s = _factor(params.brightness), _factor(params.contrast), _factor(params.saturation)
+    h = np.random.uniform(-params.hue, params.hue) if params.hue > 0 else 0.0
+    for op in np.random.permutation(4):
+        if op == 0:
+            img = img * b
+        elif op == 1:
+            img = img * c + (1 - c) * float(img.dot(weights).mean())
+        elif op == 2:
+            img = img * s + (1 - s) * img.dot(weights)[:, :, None]
+        elif h != 0.0:
+            img = shift_hue(img, h, image_format)
+        img = np.clip(img, 0, 255)
+    return img
+
+
 def strong_photometric(image, params, image_format="RGB"):
-    """The strong view of an HWC uint8 image (3 channels), with ``np.random``: colour jitter,
-    grayscale, Gaussian blur and random erasing, each drawn with its probability; shape unchanged."""
+    """The strong view of an HWC uint8 image (3 channels), with ``np.random``: colour jitter (brightness,
+    contrast, saturation, hue), grayscale, Gaussian blur and random erasing, each drawn with its
+    probability; shape unchanged."""
     img = image.astype(np.float32)
     weights = _gray_weights(image_format)
     if np.random.rand() < params.color_jitter_prob:
-        b, c, s = _factor(params.brightness), _factor(params.contrast), _factor(params.saturation)
-        img = img * b
-        img = img * c + (1 - c) * float(img.dot(weights).mean())
-        img = img * s + (1 - s) * img.dot(weights)[:, :, None]
-        img = np.clip(img, 0, 255)
+        img = _color_jitter(img, params, weights, image_format)
     if np.random.rand() < params.grayscale_prob:
         img = np.repeat(img.dot(weights)[:, :, None], 3, axis=2)
     if np.random.rand() < params.blur_prob:
