@@ -15,9 +15,7 @@ import sys
 
 from selftrain_d2.engine import default_argument_parser, launch_from_args, setup
 from selftrain_d2.engine.launch import LaunchError
-from selftrain_d2.modeling import build_model
 from selftrain_d2.pseudo_labels import generate_pseudo_labels
-from selftrain_d2.utils.safe_load import SafeCheckpointer
 
 
 def parse_args(argv=None):
@@ -33,10 +31,8 @@ def main(args):
     cfg = setup(args)
     if not cfg.MODEL.WEIGHTS:
         raise ValueError("MODEL.WEIGHTS is empty: the teacher needs trained weights to make pseudo labels")
-    # The teacher is built here so that its weights are read safely (nothing in a .pkl / .pth can run).
-    model = build_model(cfg)
-    SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    return generate_pseudo_labels(cfg, args.input, args.output, model=model, teacher_config=args.config_file)
+    # The teacher is built (its weights read safely) only when some image still needs labels.
+    return generate_pseudo_labels(cfg, args.input, args.output, teacher_config=args.config_file)
 
 
 if __name__ == "__main__":

@@ -8,20 +8,33 @@ Output folder layout::
     confidence/KEY.png   top class probability as round(p * 255) (PSEUDO_LABELS.SAVE_CONFIDENCE)
     soft/KEY.npz         top-k class probabilities (PSEUDO_LABELS.FORMAT "soft")
     instances/KEY.json   instance predictions of one image (COCO annotations with RLE masks and scores)
-    progress/rankR.jsonl one line per finished image, appended and fsync'ed by rank R
+    progress/rankR.jsonl one line per finished image, appended by rank R in batches (see below)
     report.json          images, written, already_done, skipped [{file, error}], seconds (of the whole call),
                          images_per_s (images written / seconds spent labelling, slowest rank)
     dataset.json         Detectron2 dataset dicts of the labelled images (registered by DATASETS.PSEUDO_LABELS)
     instances.json       COCO-format predictions of all images (instance task)
 
 KEY is :func:`selftrain_d2.data.records.image_key` of the input record. Each rank takes the inputs whose index
-``% world_size == rank``; an image counts as finished once it is in a progress file and its files exist, so a
-killed run redoes at most the images in flight, and a rerun writes nothing.
+``% world_size == rank``; an image counts as finished once it is in a progress file and its files exist.
+
+While the teacher labels an image, background threads (``max(1, DATALOADER.NUM_WORKERS)`` of each kind) read
+and resize the next ones and write the finished ones' files. Labels are made on the teacher's device; only
+uint8 / float16 arrays (instance masks already thresholded) come to the host. Each file is written to a
+temporary name, fsync'ed and renamed, so it is complete or absent; progress lines are appended in batches
+(every ``PROGRESS_BATCH`` images or ``PROGRESS_SECONDS``), after an fsync of the folders that hold the batch's
+files, and fsync'ed. A killed run so redoes at most the images of the last unrecorded batch and those in
+flight, and a rerun writes nothing.
 """
+import functools
+import itertools
 import json
 import logging
 import os
+import queue
+import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -32,7 +45,7 @@ from detectron2.utils import comm
 
 from ..data.image_io import UnreadableImageError, read_image
 from ..data.records import image_key
-from ..utils.io import atomic_write_json, remove_temporaries
+from ..utils.io import atomic_write_json, fsync_dir, remove_temporaries
 from . import storage
 from .tta import multi_scale_flip, sliding_window
 
@@ -42,6 +55,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Progress lines are committed (folders fsync'ed, lines appended and fsync'ed) every this many images, or this
+# many seconds after the oldest uncommitted one, whichever comes first.
+PROGRESS_BATCH = 64
+PROGRESS_SECONDS = 10.0
 
 # meta-architecture -> (task, what its per-pixel "sem_seg" output holds: "logits" or non-negative "scores").
 _TEACHER_OUTPUTS = {
@@ -206,10 +224,11 @@ def _read_progress(root):
 
 
 class _ProgressLog:
-    """Append-only record of finished images; every line is flushed and fsync'ed before the next image."""
+    """Append-only record of finished images, written and fsync'ed a batch of lines at a time."""
 
     def __init__(self, path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.path = path
         self._f = open(path, "a+")
         self._f.seek(0, os.SEEK_END)
         if self._f.tell() > 0:
@@ -217,13 +236,120 @@ class _ProgressLog:
             if self._f.read(1) != "\n":  # a line cut short by a kill: end it so the next one stands alone
                 self._f.write("\n")
 
-    def add(self, key, height, width):
-        self._f.write(json.dumps({"key": key, "height": int(height), "width": int(width)}) + "\n")
+    def add(self, entries):
+        """Append ``(key, height, width)`` entries and fsync the file."""
+        self._f.write("".join(json.dumps({"key": k, "height": int(h), "width": int(w)}) + "\n" for k, h, w in entries))
         self._f.flush()
         os.fsync(self._f.fileno())
 
     def close(self):
         self._f.close()
+
+
+class _Prefetcher:
+    """Reads and resizes the images of ``items`` (``(key, record)``) in background threads, a few ahead of the
+    teacher; iterating yields ``(key, record, (image tensor, (height, width)) or UnreadableImageError)`` in order."""
+
+    def __init__(self, items, cfg, threads):
+        self._items = iter(items)
+        self._cfg = cfg
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pseudo-label-reader")
+        self._ahead = deque()
+        for _ in range(2 * threads):
+            self._submit_next()
+
+    def _submit_next(self):
+        item = next(self._items, None)
+        if item is not None:
+            self._ahead.append((*item, self._pool.submit(self._read, item[1])))
+
+    def _read(self, record):
+        try:
+            image = read_image(record["file_name"], self._cfg.INPUT.FORMAT)
+        except UnreadableImageError as e:
+            return e
+        return _model_input(image, self._cfg), image.shape[:2]
+
+    def __iter__(self):
+        while self._ahead:
+            key, record, future = self._ahead.popleft()
+            self._submit_next()
+            yield key, record, future.result()
+
+    def close(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Writer:
+    """Writes each image's files in background threads and records it in ``log`` once they exist: every
+    PROGRESS_BATCH images (or PROGRESS_SECONDS) the folders of the batch's files are fsync'ed, then its progress
+    lines appended and fsync'ed. A failed write stops further writes; :meth:`close` re-raises it."""
+
+    def __init__(self, log, threads):
+        self._log = log
+        self._jobs = queue.Queue(maxsize=2 * threads)
+        self._lock = threading.Lock()
+        self._pending, self._folders = [], set()
+        self._oldest = None
+        self._error = None
+        self._threads = [threading.Thread(target=self._run, name=f"pseudo-label-writer-{i}", daemon=True)
+                         for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, key, height, width, write):
+        """Queue ``write()`` (returns the paths it wrote) for image ``key``; raises an earlier write's error."""
+        if self._error is not None:
+            raise self._error
+        self._jobs.put((key, height, width, write))
+
+    def _run(self):
+        while True:
+            try:
+                job = self._jobs.get(timeout=min(1.0, PROGRESS_SECONDS))
+            except queue.Empty:
+                job = ()
+            if job is None:
+                return
+            if self._error is not None:
+                continue  # drain the queue so that submit() never blocks on a failed writer
+            try:
+                if job:
+                    key, height, width, write = job
+                    paths = write()
+                    with self._lock:
+                        self._pending.append((key, height, width))
+                        self._folders.update(os.path.dirname(p) for p in paths)
+                        self._oldest = self._oldest or time.monotonic()
+                self._commit(due_only=True)
+            except BaseException as e:  # re-raised by the main thread (a KeyboardInterrupt too)
+                with self._lock:
+                    self._error = self._error or e
+
+    def _commit(self, due_only=False):
+        with self._lock:
+            if not self._pending or (due_only and len(self._pending) < PROGRESS_BATCH
+                                     and time.monotonic() - self._oldest < PROGRESS_SECONDS):
+                return
+            for folder in sorted(self._folders):
+                fsync_dir(folder)
+            self._log.add(self._pending)
+            self._pending, self._folders, self._oldest = [], set(), None
+
+    def close(self, reraise=True):
+        """Finish the queued writes, record them, stop the threads; re-raise a write's error if ``reraise``."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+        try:
+            self._commit()
+        except Exception:
+            if reraise:
+                raise
+            logger.exception("Could not record the last pseudo-labelled images in %s", self._log.path)
+        if reraise and self._error is not None:
+            raise self._error
 
 
 def _check_settings(root, meta):
@@ -287,8 +413,14 @@ def _model_input(image, cfg):
     return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-def semantic_probabilities(model, image, cfg, scores):
-    """float32 ``[C, H, W]`` class probabilities of ``image`` (HWC) at its own size, with the configured TTA."""
+def _model_device(model, cfg):
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device(cfg.MODEL.DEVICE)
+
+
+def semantic_probabilities(model, image, out_size, cfg, scores):
+    """float32 ``[C, H, W]`` class probabilities of ``image`` (CHW tensor, as :func:`_model_input` makes it) at
+    ``out_size`` (the original image's height and width), with the configured TTA, on the teacher's device."""
     def predict(x):
         out = model([{"image": x, "height": x.shape[-2], "width": x.shape[-1]}])[0]["sem_seg"]
         return scores_to_probabilities(out, scores)
@@ -298,33 +430,37 @@ def semantic_probabilities(model, image, cfg, scores):
     pad = list(cfg.MODEL.PIXEL_MEAN)
     run = (lambda x: sliding_window(predict, x, sw.SIZE, sw.STRIDE, pad)) if sw.ENABLED else predict
     tta = cfg.PSEUDO_LABELS.TTA
-    probs = multi_scale_flip(run, _model_input(image, cfg), tta.SCALES, tta.FLIP, out_size=image.shape[:2])
-    return probs.cpu().numpy()
+    return multi_scale_flip(run, image, tta.SCALES, tta.FLIP, out_size=out_size)
 
 
-def instance_annotations(model, image, cfg, contiguous_to_dataset_id):
-    """COCO annotations (RLE masks, dataset category ids, scores) of the instances scoring at least
-    PSEUDO_LABELS.INSTANCE_SCORE_THRESHOLD, best first."""
+def instance_predictions(model, image, height, width, score_threshold):
+    """The teacher's instances scoring at least ``score_threshold``, best first, as host arrays: ``masks``
+    uint8 [N, height, width] (thresholded at 0.5 on the device), ``scores`` float32, ``classes`` (contiguous)."""
+    instances = model([{"image": image, "height": height, "width": width}])[0]["instances"]
+    scores = instances.scores.float()
+    keep = torch.nonzero(scores >= score_threshold).flatten()
+    keep = keep[scores[keep].argsort(descending=True, stable=True)]
+    return {
+        "masks": (instances.pred_masks[keep] > 0.5).to(torch.uint8).cpu().numpy(),
+        "scores": scores[keep].cpu().numpy(),
+        "classes": instances.pred_classes[keep].cpu().numpy(),
+    }
+
+
+def instance_annotations(prediction, height, width, contiguous_to_dataset_id):
+    """COCO annotations (RLE masks, dataset category ids, scores) of :func:`instance_predictions`' output."""
     from pycocotools import mask as mask_util
 
-    height, width = image.shape[:2]
-    instances = model([{"image": _model_input(image, cfg), "height": height, "width": width}])[0]["instances"]
-    instances = instances.to("cpu")
-    scores = instances.scores.float()
-    keep = torch.nonzero(scores >= cfg.PSEUDO_LABELS.INSTANCE_SCORE_THRESHOLD).flatten()
-    keep = keep[scores[keep].argsort(descending=True, stable=True)]
-    if len(keep) == 0:
+    if len(prediction["scores"]) == 0:
         return []
-    masks = (instances.pred_masks[keep] > 0.5).numpy().astype(np.uint8)
-    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    rles = mask_util.encode(np.asfortranarray(prediction["masks"].transpose(1, 2, 0)))
     boxes, areas = mask_util.toBbox(rles), mask_util.area(rles)
     annotations = []
-    for i, idx in enumerate(keep.tolist()):
-        contiguous = int(instances.pred_classes[idx])
+    for i, (score, contiguous) in enumerate(zip(prediction["scores"].tolist(), prediction["classes"].tolist())):
         annotations.append({
             "category_id": int(contiguous_to_dataset_id.get(contiguous, contiguous)),
             "segmentation": {"size": [height, width], "counts": rles[i]["counts"].decode("ascii")},
-            "score": float(scores[idx]),
+            "score": float(score),
             "bbox": [float(v) for v in boxes[i]],
             "area": float(areas[i]),
             "iscrowd": 0,
@@ -332,23 +468,30 @@ def instance_annotations(model, image, cfg, contiguous_to_dataset_id):
     return annotations
 
 
-def _write_semantic(files, probs, settings, ignore_label):
-    label, confidence = storage.hard_label_from_probs(probs, settings["threshold"], ignore_label)
+def _write_semantic(files, arrays, num_classes):
+    """Write one image's semantic label files (the folder fsync is left to the batch); returns their paths."""
     if "soft" in files:
-        storage.write_soft_label(files["soft"], probs, settings["soft_top_k"])
+        storage.write_top_k(files["soft"], arrays["soft_indices"], arrays["soft_probs"], num_classes, sync_dir=False)
     if "confidence" in files:
-        storage.write_confidence(files["confidence"], confidence)
-    storage.write_hard_label(files["label"], label)
+        storage.write_confidence(files["confidence"], arrays["confidence"], sync_dir=False)
+    storage.write_hard_label(files["label"], arrays["label"], sync_dir=False)
+    return list(files.values())
+
+
+def _write_instances(files, prediction, height, width, contiguous_to_dataset_id):
+    annotations = instance_annotations(prediction, height, width, contiguous_to_dataset_id)
+    atomic_write_json(files["instances"], {"annotations": annotations}, sync_dir=False)
+    return [files["instances"]]
 
 
 def _build_teacher(cfg):
-    from detectron2.checkpoint import DetectionCheckpointer
     from ..modeling import build_model
+    from ..utils.safe_load import SafeCheckpointer
 
     if not cfg.MODEL.WEIGHTS:
         raise ValueError("MODEL.WEIGHTS is empty: the teacher needs trained weights to make pseudo labels")
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # nothing in a .pth / .pkl can run code
     return model
 
 
@@ -418,43 +561,60 @@ def generate_pseudo_labels(cfg, input, output_dir, model=None, teacher_config=No
     if todo and model is None:
         model = _build_teacher(cfg)
     written, skipped = 0, []
+    threads = max(1, int(cfg.DATALOADER.NUM_WORKERS))
     log = _ProgressLog(layout.progress_file(rank))
     bar = _progress_bar(len(todo))
+    reader = _Prefetcher(todo, cfg, threads)
+    writer = _Writer(log, threads)
     loop_started = time.perf_counter()
     try:
         if model is not None:
             model.eval()
+            device = _model_device(model, cfg)
         with torch.no_grad():
-            for key, record in todo:
-                try:
-                    image = read_image(record["file_name"], cfg.INPUT.FORMAT)
-                except UnreadableImageError as e:
-                    skipped.append({"file": e.path, "error": e.reason})
+            for key, record, item in reader:
+                if isinstance(item, UnreadableImageError):
+                    skipped.append({"file": item.path, "error": item.reason})
                     bar.update(1)
                     continue
+                image, (height, width) = item
                 files = layout.files(key)
                 try:
+                    image = image.to(device)
                     if task == "semantic":
-                        prediction = semantic_probabilities(model, image, cfg, scores)
+                        prediction = semantic_probabilities(model, image, (height, width), cfg, scores)
                     else:
-                        prediction = instance_annotations(model, image, cfg, contiguous_to_dataset_id)
+                        prediction = instance_predictions(model, image, height, width,
+                                                          settings["instance_score_threshold"])
                 except (RuntimeError, ValueError) as e:
                     raise RuntimeError(f"the teacher failed on image {record['file_name']} (WxH "
-                                       f"{image.shape[1]}x{image.shape[0]}): {type(e).__name__}: {e}") from e
+                                       f"{width}x{height}): {type(e).__name__}: {e}") from e
                 if task == "semantic":
-                    probs = prediction
-                    if probs.shape[0] != len(classes):
+                    if prediction.shape[0] != len(classes):
                         raise ValueError(
-                            f"the teacher predicts {probs.shape[0]} classes but the class list has {len(classes)} "
-                            f"({classes}); check MODEL.SEM_SEG_HEAD.NUM_CLASSES and the input's metadata"
+                            f"the teacher predicts {prediction.shape[0]} classes but the class list has "
+                            f"{len(classes)} ({classes}); check MODEL.SEM_SEG_HEAD.NUM_CLASSES and the input's metadata"
                         )
-                    _write_semantic(files, probs, settings, ignore_label)
+                    try:
+                        arrays = storage.semantic_label_arrays(
+                            prediction, settings["threshold"], ignore_label, confidence="confidence" in files,
+                            top_k=settings["soft_top_k"] if "soft" in files else 0)
+                    except ValueError as e:
+                        raise ValueError(f"pseudo labels of image {record['file_name']}: {e}") from e
+                    write = functools.partial(_write_semantic, files, arrays, len(classes))
                 else:
-                    atomic_write_json(files["instances"], {"annotations": prediction})
-                log.add(key, image.shape[0], image.shape[1])
+                    write = functools.partial(_write_instances, files, prediction, height, width,
+                                              contiguous_to_dataset_id)
+                writer.submit(key, height, width, write)
                 written += 1
                 bar.update(1)
+    except BaseException:
+        writer.close(reraise=False)  # what was written is still recorded; this error is the one to report
+        raise
+    else:
+        writer.close()
     finally:
+        reader.close()
         bar.close()
         log.close()
     loop_seconds = time.perf_counter() - loop_started

@@ -1,41 +1,176 @@
-"""Pseudo-label files: hard labels and confidence maps as PNG, soft labels as compressed top-k .npz.
+"""Pseudo-label files: hard labels and confidence maps as PNG, soft labels as top-k .npz.
 
-Every writer goes through :func:`selftrain_d2.utils.io.atomic_write`, so a killed job leaves either a complete
-file or none. Readers raise errors that name the file.
+The arrays are made from class probabilities on the device that holds them (:func:`semantic_label_arrays`);
+only uint8 / float16 results go to the host. Every writer goes through
+:func:`selftrain_d2.utils.io.atomic_write`, so a killed job leaves either a complete file or none. Readers
+raise errors that name the file.
 """
+import contextlib
+import math
+import zipfile
+
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..utils.io import atomic_write
 
 __all__ = [
-    "write_hard_label", "load_hard_label", "write_confidence", "load_confidence",
-    "write_soft_label", "read_soft_label", "soft_label_to_dense", "top_k_probabilities", "hard_label_from_probs",
+    "write_hard_label", "load_hard_label", "write_confidence", "load_confidence", "quantize_confidence",
+    "write_soft_label", "write_top_k", "read_soft_label", "soft_label_to_dense", "top_classes",
+    "top_k_probabilities", "hard_label_from_probs", "semantic_label_arrays",
 ]
+
+# np.savez_compressed deflated everything at zlib's level 6. Soft labels' class indices are deflated at level 1
+# (level 6 took 6x the time to save another 4%); their float16 probabilities are stored as they are: deflate
+# saved 18% of them for 330 ms a Cityscapes-size image (benchmarks/pseudo_label_postprocess.py).
+_SOFT_COMPRESSLEVEL = 1
+# Elements (classes x pixels) per block of the top-k loop: on the CPU a block stays in the L2 cache; elsewhere
+# it only bounds the temporary memory.
+_BLOCK_ELEMENTS = {"cpu": 1 << 18}
+_BLOCK_ELEMENTS_DEFAULT = 1 << 24
+
+
+def top_classes(probs, k=1):
+    """``(values [k, H, W], indices [k, H, W])``: the ``k`` largest of ``probs`` ``[C, H, W]`` per pixel and
+    their class ids, best first, computed on ``probs``' device.
+
+    The order is that of a stable sort of ``-probs`` (``np.argsort(-probs, 0, kind="stable")``): equal values
+    (``-0.0`` and ``0.0`` too) go to the lower class id first. Values are float32 (float64 for float64 input);
+    indices uint8 for up to 256 classes, else int32. NaN and -inf values are refused (``ValueError``).
+    """
+    probs = torch.as_tensor(probs)
+    if probs.ndim != 3:
+        raise ValueError(f"class probabilities must be [C, H, W], got shape {tuple(probs.shape)}")
+    num_classes = probs.shape[0]
+    k = min(int(k), num_classes)
+    if k < 1:
+        raise ValueError(f"top_classes needs k >= 1, got {k}")
+    if probs.dtype not in (torch.float32, torch.float64):
+        probs = probs.float()
+    flat = probs.reshape(num_classes, -1).contiguous()
+    if k == 1:
+        values, indices = _max_over_classes(flat)
+        values, indices = values[None], indices[None]
+    else:
+        values, indices = _top_k_by_blocks(flat, k)
+    values = values.view(k, *probs.shape[1:])
+    indices = indices.to(torch.uint8 if num_classes <= 256 else torch.int32).view(values.shape)
+    # Reductions and one read back: NaN (or inf) poisons the sum; a -inf would tie with the classes taken out.
+    checks = [values[0].sum()] + ([values[-1].amin()] if k > 1 else [])
+    if not all(math.isfinite(v) for v in torch.stack(checks).tolist()):
+        raise ValueError("class probabilities hold NaN or infinite values")
+    return values, indices
+
+
+def _max_over_classes(flat):
+    """``(values [N], indices int64 [N])`` of a contiguous ``[C, N]``: the first maximum over C."""
+    # Pixels as the channels of a 1-D max pooling over the classes: [C, N] seen as a channels-last [1, N, C],
+    # which pooling runs vectorised over pixels (torch.max / torch.topk over dim 0 take 5-25x longer on the
+    # CPU). Pooling keeps the first of equal maxima, as a stable sort does.
+    top, index = F.adaptive_max_pool1d(flat.view(1, flat.shape[0], -1).transpose(1, 2), 1, return_indices=True)
+    return top.view(-1), index.view(-1)
+
+
+def _top_k_by_blocks(flat, k):
+    """Top ``k`` of a ``[C, N]`` block of pixels at a time: the first maximum, which is then set to -inf in a
+    copy of the block, k times."""
+    num_classes, n = flat.shape
+    values = torch.empty(k, n, dtype=flat.dtype, device=flat.device)
+    indices = torch.empty(k, n, dtype=torch.int64, device=flat.device)
+    block = max(1, min(n, _BLOCK_ELEMENTS.get(flat.device.type, _BLOCK_ELEMENTS_DEFAULT) // num_classes))
+    buffer = torch.empty(num_classes * block, dtype=flat.dtype, device=flat.device)
+    with _one_cpu_thread(flat.device):
+        for start in range(0, n, block):
+            end = min(n, start + block)
+            work = buffer[: num_classes * (end - start)].view(num_classes, end - start)
+            work.copy_(flat[:, start:end])
+            for r in range(k):
+                top, index = _max_over_classes(work)
+                values[r, start:end], indices[r, start:end] = top, index
+                if r + 1 < k:
+                    work.scatter_(0, index.unsqueeze(0), float("-inf"))
+    return values, indices
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device):
+    # The ops are memory-bound and many are small: splitting them over threads costs more than it gains, far
+    # more when other processes keep the cores busy (top-3 of 19 x 1024 x 2048 on 2 loaded cores: 90 ms CPU
+    # with 1 thread, over 1 s with 2). torch's thread count is global: set for the call, then restored.
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def top_k_probabilities(probs, k):
+    """``(indices int64 [k, H, W], values float32 [k, H, W])`` (numpy) of the ``k`` most probable classes per
+    pixel, best first, ties to the lower class id (see :func:`top_classes`); ``probs`` as float32."""
+    values, indices = top_classes(torch.as_tensor(np.asarray(probs, dtype=np.float32)), k)
+    return indices.long().numpy(), values.numpy()
+
+
+def _check_label_range(num_classes, ignore_label):
+    if num_classes > ignore_label or ignore_label > 255:
+        raise ValueError(
+            f"{num_classes} classes and ignore label {ignore_label} do not fit a uint8 PNG of train ids "
+            "(class ids must stay below the ignore label, which must be at most 255)"
+        )
+
+
+def quantize_confidence(confidence):
+    """uint8 ``round(clip(confidence, 0, 1) * 255)`` (half to even) of a float tensor, on its device."""
+    return torch.clamp(confidence.float(), 0.0, 1.0).mul_(255).round_().to(torch.uint8)
+
+
+def semantic_label_arrays(probs, threshold=0.0, ignore_label=255, confidence=False, top_k=0):
+    """The pseudo-label arrays of class probabilities ``probs`` ``[C, H, W]`` (a tensor on any device), computed
+    there; only these uint8 / float16 results are copied to the host (numpy):
+
+    - ``label`` uint8 [H, W]: the most probable class, ``ignore_label`` where its probability is under
+      ``threshold``;
+    - ``confidence`` uint8 [H, W] (with ``confidence``): that probability as ``round(p * 255)``;
+    - ``soft_indices`` uint8 [k, H, W] and ``soft_probs`` float16 (with ``top_k`` ``k`` > 0): the ``k`` most
+      probable classes, as :func:`top_classes` orders them.
+    """
+    _check_label_range(probs.shape[0], ignore_label)
+    with _one_cpu_thread(probs.device):
+        values, indices = top_classes(probs, max(1, int(top_k)))
+        label = indices[0] if threshold <= 0 else indices[0].masked_fill(values[0] < threshold, ignore_label)
+        out = {"label": label}
+        if confidence:
+            out["confidence"] = quantize_confidence(values[0])
+        if top_k > 0:
+            out["soft_indices"], out["soft_probs"] = indices, values.to(torch.float16)
+        return {name: array.cpu().numpy() for name, array in out.items()}
 
 
 def hard_label_from_probs(probs, threshold=0.0, ignore_label=255):
-    """``(label uint8 [H, W], confidence float32 [H, W])`` from class probabilities ``[C, H, W]``.
+    """``(label uint8 [H, W], confidence float32 [H, W])`` (numpy) from class probabilities ``[C, H, W]``.
 
-    label = argmax over classes; pixels whose top probability is under ``threshold`` get ``ignore_label``.
+    label = argmax over classes (ties to the lower id); pixels whose top probability is under ``threshold``
+    get ``ignore_label``.
     """
-    probs = np.asarray(probs)
+    probs = torch.as_tensor(np.asarray(probs)) if not isinstance(probs, torch.Tensor) else probs
     if probs.ndim != 3:
-        raise ValueError(f"class probabilities must be [C, H, W], got shape {probs.shape}")
-    if probs.shape[0] > ignore_label or ignore_label > 255:
-        raise ValueError(
-            f"{probs.shape[0]} classes and ignore label {ignore_label} do not fit a uint8 PNG of train ids "
-            "(class ids must stay below the ignore label, which must be at most 255)"
-        )
-    label = probs.argmax(0).astype(np.uint8)
-    confidence = probs.max(0).astype(np.float32)
+        raise ValueError(f"class probabilities must be [C, H, W], got shape {tuple(probs.shape)}")
+    _check_label_range(probs.shape[0], ignore_label)
+    values, indices = top_classes(probs, 1)
+    label = indices[0].to(torch.uint8)
     if threshold > 0:
-        label[confidence < threshold] = ignore_label
-    return label, confidence
+        label.masked_fill_(values[0] < threshold, ignore_label)
+    return label.cpu().numpy(), values[0].float().cpu().numpy()
 
 
-def _write_png(path, array):
-    with atomic_write(path, "wb") as f:
+def _write_png(path, array, sync_dir):
+    with atomic_write(path, "wb", sync_dir=sync_dir) as f:
         Image.fromarray(array).save(f, format="PNG")
 
 
@@ -47,8 +182,9 @@ def _read_png(path):
         raise OSError(f"cannot read pseudo-label file {path}: {type(e).__name__}: {e}") from e
 
 
-def write_hard_label(path, label):
-    """Write a ``[H, W]`` map of train ids (uint8, 255 = ignore) as a single-channel PNG."""
+def write_hard_label(path, label, sync_dir=True):
+    """Write a ``[H, W]`` map of train ids (uint8, 255 = ignore) as a single-channel PNG. ``sync_dir``: see
+    :func:`~selftrain_d2.utils.io.atomic_write` (the generator syncs each folder once per batch instead)."""
     label = np.asarray(label)
     if label.ndim != 2:
         raise ValueError(f"hard label for {path} must be [H, W], got shape {label.shape}")
@@ -56,7 +192,7 @@ def write_hard_label(path, label):
         if label.size and (label.min() < 0 or label.max() > 255):
             raise ValueError(f"hard label for {path} holds ids outside 0..255")
         label = label.astype(np.uint8)
-    _write_png(path, label)
+    _write_png(path, label, sync_dir)
 
 
 def load_hard_label(path):
@@ -67,10 +203,13 @@ def load_hard_label(path):
     return label
 
 
-def write_confidence(path, confidence):
-    """Write a ``[H, W]`` confidence map in [0, 1] as a uint8 PNG holding ``round(conf * 255)``."""
-    confidence = np.asarray(confidence, dtype=np.float32)
-    _write_png(path, np.rint(np.clip(confidence, 0.0, 1.0) * 255).astype(np.uint8))
+def write_confidence(path, confidence, sync_dir=True):
+    """Write a ``[H, W]`` confidence map as a uint8 PNG holding ``round(conf * 255)``: float values in [0, 1]
+    are quantized here; uint8 values are taken as already quantized (:func:`quantize_confidence`)."""
+    confidence = np.asarray(confidence)
+    if confidence.dtype != np.uint8:
+        confidence = quantize_confidence(torch.as_tensor(confidence.astype(np.float32, copy=False))).numpy()
+    _write_png(path, confidence, sync_dir)
 
 
 def load_confidence(path):
@@ -78,35 +217,35 @@ def load_confidence(path):
     return _read_png(path).astype(np.float32) / 255.0
 
 
-def top_k_probabilities(probs, k):
-    """``(indices [k, H, W], values [k, H, W])`` of the ``k`` most probable classes per pixel, best first."""
-    probs = np.asarray(probs, dtype=np.float32)
-    num_classes = probs.shape[0]
-    k = min(int(k), num_classes)
-    if k < 1:
-        raise ValueError(f"soft labels need top-k >= 1, got {k}")
-    order = np.argsort(-probs, axis=0, kind="stable")[:k]
-    return order, np.take_along_axis(probs, order, axis=0)
+def write_top_k(path, indices, probs, num_classes, sync_dir=True):
+    """Write top-k soft labels: ``indices`` [k, H, W] (uint8, or uint16 for more than 256 classes) and their
+    ``probs`` (stored as float16) as an .npz with keys ``indices`` (deflated), ``probs`` and ``num_classes``."""
+    if num_classes > 65536:
+        raise ValueError(f"soft label for {path}: {num_classes} classes do not fit uint16 indices")
+    index_dtype = np.uint8 if num_classes <= 256 else np.uint16
+    entries = [("indices", np.asarray(indices).astype(index_dtype, copy=False), True),
+               ("probs", np.asarray(probs).astype(np.float16, copy=False), False),
+               ("num_classes", np.int64(num_classes), False)]
+    with atomic_write(path, "wb", sync_dir=sync_dir) as f:
+        # np.savez's layout (one .npy per key); an entry opened by ZipInfo is stored, by name deflated.
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=_SOFT_COMPRESSLEVEL) as zf:
+            for name, array, deflate in entries:
+                entry = name + ".npy" if deflate else zipfile.ZipInfo(name + ".npy")
+                with zf.open(entry, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
-def write_soft_label(path, probs, top_k):
-    """Store the top-k class probabilities of ``probs`` ``[C, H, W]`` as a compressed .npz.
-
-    Keys: ``indices`` (uint8, or uint16 for more than 256 classes), ``probs`` (float16), ``num_classes``.
-    """
-    probs = np.asarray(probs)
+def write_soft_label(path, probs, top_k, sync_dir=True):
+    """Store the top-k class probabilities of ``probs`` ``[C, H, W]`` (array or tensor) as a compressed .npz
+    (:func:`write_top_k`; read with :func:`read_soft_label`)."""
+    probs = torch.as_tensor(np.asarray(probs)) if not isinstance(probs, torch.Tensor) else probs
     if probs.ndim != 3:
-        raise ValueError(f"soft label for {path} must be [C, H, W] probabilities, got shape {probs.shape}")
+        raise ValueError(f"soft label for {path} must be [C, H, W] probabilities, got shape {tuple(probs.shape)}")
     num_classes = probs.shape[0]
     if num_classes > 65536:
         raise ValueError(f"soft label for {path}: {num_classes} classes do not fit uint16 indices")
-    indices, values = top_k_probabilities(probs, top_k)
-    index_dtype = np.uint8 if num_classes <= 256 else np.uint16
-    with atomic_write(path, "wb") as f:
-        np.savez_compressed(
-            f, indices=indices.astype(index_dtype), probs=values.astype(np.float16),
-            num_classes=np.int64(num_classes),
-        )
+    values, indices = top_classes(probs.float(), top_k)
+    write_top_k(path, indices.cpu().numpy(), values.to(torch.float16).cpu().numpy(), num_classes, sync_dir)
 
 
 def read_soft_label(path):
@@ -118,7 +257,7 @@ def read_soft_label(path):
                 "probs": data["probs"].astype(np.float32),
                 "num_classes": int(data["num_classes"]),
             }
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise OSError(f"cannot read soft pseudo label {path}: {type(e).__name__}: {e}") from e
 
 
