@@ -333,6 +333,9 @@ def _add_mask_former_keys(cfg):
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
+    # Deformable attention keeps only its inputs for backward and recomputes the sampling there (the compiled
+    # op's memory: about 1x its inputs instead of 6.7x), at the cost of a second sampling forward.
+    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_RECOMPUTE = True
 
 
 def _add_transformer_backbone_keys(cfg):
@@ -349,9 +352,6 @@ def _add_transformer_backbone_keys(cfg):
     sw.QK_SCALE = None
     sw.DROP_RATE = 0.0
     sw.ATTN_DROP_RATE = 0.0
-    # Deformable attention keeps only its inputs for backward and recomputes the sampling there (the compiled
-    # op's memory: about 1x its inputs instead of 6.7x), at the cost of a second sampling forward.
-    cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_ATTENTION_RECOMPUTE = True
     sw.DROP_PATH_RATE = 0.3
     sw.APE = False
     sw.PATCH_NORM = True

@@ -204,9 +204,13 @@ def _machine(rank, url, root):
     launch(_evaluate_and_save, 1, num_machines=2, machine_rank=rank, dist_url=url, args=(root, "test_city_multi"))
 
 
-def test_cityscapes_evaluators_across_machines_match_one_process(tmp_path):
+def test_cityscapes_evaluators_across_machines_match_one_process(tmp_path, monkeypatch):
     _write_cityscapes(str(tmp_path))
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
     single, _, _ = _evaluate_cityscapes(str(tmp_path), "test_city_single")
+    assert os.listdir(workdir) == []  # cityscapesscripts' matches.json goes to the evaluator's temporary folder
     assert 20 < single["sem_seg"]["IoU"] < 95 and 5 < single["segm"]["AP"] < 95  # imperfect, not degenerate
 
     url = f"tcp://127.0.0.1:{_free_port()}"

@@ -1,11 +1,13 @@
 from .build import EVALUATOR_BUILDERS, build_evaluator, register_evaluator
 from .cityscapes import MultiMachineCityscapesInstanceEvaluator, MultiMachineCityscapesSemSegEvaluator
+from .coco import FastCOCOEvaluator
 from .sem_seg import CheckedSemSegEvaluator
 
 __all__ = [
     "EVALUATOR_BUILDERS",
     "build_evaluator",
     "CheckedSemSegEvaluator",
+    "FastCOCOEvaluator",
     "register_evaluator",
     "MultiMachineCityscapesInstanceEvaluator",
     "MultiMachineCityscapesSemSegEvaluator",

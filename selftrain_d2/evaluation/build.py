@@ -6,9 +6,10 @@ registered here, so a new dataset family adds a builder instead of a branch.
 import os
 
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.evaluation import DatasetEvaluators
 
 from .cityscapes import MultiMachineCityscapesInstanceEvaluator, MultiMachineCityscapesSemSegEvaluator
+from .coco import FastCOCOEvaluator
 from .sem_seg import CheckedSemSegEvaluator
 
 __all__ = ["EVALUATOR_BUILDERS", "register_evaluator", "build_evaluator"]
@@ -36,8 +37,8 @@ def _sem_seg(cfg, dataset_name, output_folder):
 
 @register_evaluator("coco")
 def _coco(cfg, dataset_name, output_folder):
-    # use_fast_impl=False: the fast COCOeval lives in detectron2._C, which we never load.
-    return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+    # faster-coco-eval's compiled COCOeval (pycocotools' where it is missing), never detectron2._C's.
+    return FastCOCOEvaluator(dataset_name, output_dir=output_folder)
 
 
 @register_evaluator("cityscapes_instance")

@@ -5,9 +5,14 @@ process writes are read by rank 0's cityscapesscripts run) and assert that all p
 Across machines, each process here writes to a folder of its own, and ``evaluate`` gathers the files' bytes
 to rank 0, which evaluates the same set of files as a single-machine run would. On one machine nothing
 changes.
+
+cityscapesscripts' instance evaluation also writes every match to ``matches.json`` in the working directory
+(tens of MB on Cityscapes val, clobbered by two runs in one folder); here it goes to the evaluator's
+temporary folder instead.
 """
 import os
 import tempfile
+from unittest import mock
 
 from detectron2.evaluation import CityscapesInstanceEvaluator, CityscapesSemSegEvaluator
 from detectron2.utils import comm
@@ -53,4 +58,18 @@ class MultiMachineCityscapesSemSegEvaluator(_GatherPredictionFiles, CityscapesSe
 
 
 class MultiMachineCityscapesInstanceEvaluator(_GatherPredictionFiles, CityscapesInstanceEvaluator):
-    """``CityscapesInstanceEvaluator`` that also works when the processes are on several machines."""
+    """``CityscapesInstanceEvaluator`` that also works when the processes are on several machines, and leaves
+    nothing in the working directory."""
+
+    def evaluate(self):
+        import cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling as cityscapes_eval
+
+        write = cityscapes_eval.writeDict2JSON
+
+        def write_beside_predictions(data, path):
+            if not os.path.isabs(path):
+                path = os.path.join(self._temp_dir, path)
+            return write(data, path)
+
+        with mock.patch.object(cityscapes_eval, "writeDict2JSON", write_beside_predictions):
+            return super().evaluate()
