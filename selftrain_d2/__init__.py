@@ -6,6 +6,6 @@ evaluators) with Detectron2's registries.
 from . import data, evaluation, modeling  # noqa: F401  (registration on import)
 from . import distill  # noqa: F401,E402  (KD losses and the Distiller; after modeling)
 from .config import add_selftrain_config
+from .version import __version__
 
-__all__ = ["add_selftrain_config"]
-__version__ = "0.1.0"
+__all__ = ["__version__", "add_selftrain_config"]

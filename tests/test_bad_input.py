@@ -263,7 +263,7 @@ def test_coco_annotation_without_segmentation_names_file_image_and_id(tmp_path, 
 # ------------------------------------------------------------------------------------------------ sweep
 
 def test_sweep_exits_non_zero_when_every_trial_failed(tmp_path):
-    spec = importlib.util.spec_from_file_location("sweep_all_failed", os.path.join(ROOT, "tools", "sweep.py"))
+    spec = importlib.util.spec_from_file_location("sweep_all_failed", os.path.join(ROOT, "selftrain_d2", "orchestration", "sweep.py"))
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
 
@@ -275,7 +275,7 @@ def test_sweep_exits_non_zero_when_every_trial_failed(tmp_path):
         "name: t\nconfigs: {student: student.yaml}\nstages:\n  - name: lr\n    config: student\n"
         "    grid: {SOLVER.BASE_LR: [0.01, 0.02]}\n")
     with pytest.raises(SystemExit) as e:
-        sweep.main(["--config-file", str(tmp_path / "sweep.yaml"), "--output", str(tmp_path / "out")])
+        sweep.run(["--config-file", str(tmp_path / "sweep.yaml"), "--output", str(tmp_path / "out")])
     assert e.value.code == 1
 
 

@@ -160,7 +160,7 @@ def test_shipped_kd_configs_merge():
         if cfg.MODEL.META_ARCHITECTURE == "Distiller":
             assert os.path.isfile(os.path.join(root, cfg.DISTILL.TEACHER.CONFIG)), f
             assert load_config(os.path.join(root, cfg.DISTILL.TEACHER.CONFIG)).MODEL.META_ARCHITECTURE == "PSPNet"
-    spec = importlib.util.spec_from_file_location("sweep_cfg", os.path.join(root, "tools", "sweep.py"))
+    spec = importlib.util.spec_from_file_location("sweep_cfg", os.path.join(root, "selftrain_d2", "orchestration", "sweep.py"))
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
     spec = sweep.load_sweep(os.path.join(root, "configs", "demo", "kd-sweep.yaml"))

@@ -60,8 +60,12 @@ def save(obj, f, *args, **kwargs):
     return real_save(obj, f, *args, **kwargs)
 
 torch.save = save
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+if sys.argv[1] == "-m":  # python -m MODULE ARGS (how recipes start a command)
+    sys.argv = sys.argv[2:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:  # python SCRIPT ARGS
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
@@ -384,7 +388,7 @@ class _CreatesFile:
 def _tool(name):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "selftrain_d2", "cli", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -395,7 +399,7 @@ def _eval_only(weights, tmp_path):
 
     args = default_argument_parser().parse_args(["--config-file", DEMO_CONFIG, "--eval-only", *TINY, "OUTPUT_DIR",
                                                  str(tmp_path / "out"), "MODEL.WEIGHTS", str(weights)])
-    return _tool("train_net").main(args)
+    return _tool("train_net").run(args)
 
 
 def _generate_pseudo_labels(weights, tmp_path):
@@ -408,7 +412,7 @@ def _generate_pseudo_labels(weights, tmp_path):
     module = _tool("generate_pseudo_labels")
     args = module.parse_args(["--config-file", DEMO_CONFIG, "--input", str(folder), "--output", str(tmp_path / "out"),
                               *TINY, "MODEL.WEIGHTS", str(weights)])
-    return module.main(args)
+    return module.run(args)
 
 
 @pytest.mark.parametrize("suffix", [".pkl", ".pth"])

@@ -88,7 +88,7 @@ def test_cli_writes_a_split_file_that_registers(tmp_path, new_name, capsys):
     name = new_name("nshot")
     register_sem_seg_pairs(name, image_dir=tmp_path / "img", image_ext=".png", label_dir=tmp_path / "lbl",
                            label_suffix=".png", metadata={"stuff_classes": ["zero", "one", "two"]})
-    spec = importlib.util.spec_from_file_location("make_splits", os.path.join(ROOT, "tools", "make_splits.py"))
+    spec = importlib.util.spec_from_file_location("make_splits", os.path.join(ROOT, "selftrain_d2", "cli", "make_splits.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     tool.main(["--dataset", name, "--n-shot", "2", "--seeds", "1", "--output-dir", str(tmp_path / "splits")])

@@ -239,7 +239,7 @@ def test_semantic_variant_trains(tmp_path):
 
 
 def _train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(ROOT, "tools", "train_net.py"))
+    spec = importlib.util.spec_from_file_location("train_net", os.path.join(ROOT, "selftrain_d2", "cli", "train_net.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -264,19 +264,19 @@ def test_train_net_picks_the_trainer_and_evaluates_both_models_from_a_checkpoint
     args = ["--config-file", CONFIG] + TINY + [
         "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "2", "SEMISUP.BURN_IN_ITERS", "1", "SEMISUP.TEACHER.WEIGHTS",
         teacher_weights, "DATASETS.TEST", f"('{tiny_val}',)", "SEMISUP.EVAL_MODEL", "BOTH"]
-    trained = train_net.main(default_argument_parser().parse_args(args))
+    trained = train_net.run(default_argument_parser().parse_args(args))
     assert "segm" in trained and "teacher/segm" in trained
     assert json.load(open(os.path.join(out, "final_metrics.json")))["teacher/segm"] == pytest.approx(trained["teacher/segm"], nan_ok=True)
 
     final = os.path.join(out, "model_final.pth")
     for which, keys in [("BOTH", {"segm", "teacher/segm"}), ("TEACHER", {"segm"})]:
-        evaluated = train_net.main(default_argument_parser().parse_args(
+        evaluated = train_net.run(default_argument_parser().parse_args(
             ["--eval-only"] + args + ["MODEL.WEIGHTS", final, "SEMISUP.EVAL_MODEL", which]))
         assert keys <= set(evaluated)
         expected = trained["teacher/segm"] if which == "TEACHER" else trained["segm"]
         assert evaluated["segm"] == pytest.approx(expected, abs=1e-9, nan_ok=True)
     with pytest.raises(KeyError, match="holds no 'teacher'"):
-        train_net.main(default_argument_parser().parse_args(
+        train_net.run(default_argument_parser().parse_args(
             ["--eval-only"] + args + ["MODEL.WEIGHTS", teacher_weights, "SEMISUP.EVAL_MODEL", "TEACHER"]))
 
 

@@ -275,7 +275,7 @@ def test_make_splits_cli_is_reproducible(tmp_path):
 
 
 def test_make_splits_cli_unknown_dataset(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("make_splits", os.path.join(ROOT, "tools", "make_splits.py"))
+    spec = importlib.util.spec_from_file_location("make_splits", os.path.join(ROOT, "selftrain_d2", "cli", "make_splits.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     assert tool.parse_args(["--dataset", "x", "--preset", "coco"]).percents == [0.4, 1, 2, 5, 10]

@@ -1,4 +1,4 @@
-"""tools/sweep.py: the staged protocol, resume after a kill without redoing finished trials, reports."""
+"""The sweep (selftrain_d2.orchestration.sweep, tools/sweep.py): the staged protocol, resume after a kill without redoing finished trials, reports."""
 import csv
 import importlib.util
 import json
@@ -11,7 +11,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEP_PY = os.path.join(ROOT, "tools", "sweep.py")
+SWEEP_PY = os.path.join(ROOT, "selftrain_d2", "orchestration", "sweep.py")
 
 SWEEP_YAML = """
 name: t
@@ -83,7 +83,7 @@ def fake(config, overrides, output_dir, num_gpus=1, **dist):
     o = dict(zip(overrides[::2], overrides[1::2]))
     return {"sem_seg": {"mIoU": 50.0 + 100 * float(o["SOLVER.BASE_LR"])}}
 sweep.run_trial = fake
-sweep.main(["--config-file", sys.argv[2], "--output", sys.argv[3]])
+sweep.run(["--config-file", sys.argv[2], "--output", sys.argv[3]])
 """
 
 
@@ -106,7 +106,7 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tmp_path):
         return {"sem_seg": {"mIoU": _fake_metric(config, overrides)}}
 
     sweep.run_trial = fake
-    result = sweep.main(["--config-file", str(tmp_path / "sweep.yaml"), "--output", str(out)])
+    result = sweep.run(["--config-file", str(tmp_path / "sweep.yaml"), "--output", str(out)])
     # The finished point (student, lr 0.01) is not run again; the killed one (lr 0.02) is.
     assert [c for c in calls if c[0] == "student.yaml"] == [first[1]]
     assert first[0] not in calls
@@ -128,7 +128,7 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tmp_path):
     assert (out / "results.png").stat().st_size > 1000
 
     calls.clear()
-    sweep.main(["--config-file", str(tmp_path / "sweep.yaml"), "--output", str(out)])
+    sweep.run(["--config-file", str(tmp_path / "sweep.yaml"), "--output", str(out)])
     assert calls == []  # everything finished: a rerun trains nothing
 
 
@@ -152,12 +152,12 @@ def _recording_sweep(tmp_path, text, fails=lambda config, overrides: False):
 def test_failed_trial_is_recorded_not_retried_unless_asked(tmp_path):
     sweep, calls, args = _recording_sweep(
         tmp_path, SWEEP_YAML, fails=lambda config, overrides: config == "student.yaml" and 0.02 in overrides)
-    sweep.main(args)
+    sweep.run(args)
     assert len(calls) == 6
     calls.clear()
-    sweep.main(args)
+    sweep.run(args)
     assert calls == []
-    sweep.main(args + ["--retry-failed"])
+    sweep.run(args + ["--retry-failed"])
     assert len(calls) == 1
 
 
@@ -165,7 +165,7 @@ def test_run_trial_command_resumes_from_the_trial_folder(tmp_path, monkeypatch):
     sweep = _load()
     seen = []
 
-    def fake_run(cmd, cwd, stdout, stderr):
+    def fake_run(cmd, env, stdout, stderr):
         seen.append(cmd)
         out = cmd[cmd.index("OUTPUT_DIR") + 1]
         with open(os.path.join(out, "final_metrics.json"), "w") as f:
@@ -179,7 +179,7 @@ def test_run_trial_command_resumes_from_the_trial_folder(tmp_path, monkeypatch):
     metrics = sweep.run_trial("cfg.yaml", ["SOLVER.BASE_LR", 0.01], str(trial_dir))
     assert metrics == {"sem_seg": {"mIoU": 12.5}}
     cmd = seen[0]
-    assert cmd[1].endswith("train_net.py") and "--resume" in cmd
+    assert cmd[1:3] == ["-m", "selftrain_d2.cli.train_net"] and "--resume" in cmd
     assert cmd[-4:] == ["OUTPUT_DIR", str(trial_dir), "SOLVER.BASE_LR", "0.01"]
     sweep.run_trial("cfg.yaml", [], str(trial_dir))
     assert len(seen) == 1  # final_metrics.json there: not trained again
@@ -213,7 +213,7 @@ def test_final_seeds_train_each_stage_best_again_and_report_mean_and_spread(tmp_
     sweep.run_trial = fake
     out = tmp_path / "out"
     args = ["--config-file", str(tmp_path / "sweep.yaml"), "--output", str(out)]
-    result = sweep.main(args)
+    result = sweep.run(args)
     tuning = [c for c in calls if c[1]["SEED"] == 7]
     final = [c for c in calls if c[1]["SEED"] != 7]
     assert len(tuning) == 6
@@ -235,7 +235,7 @@ def test_final_seeds_train_each_stage_best_again_and_report_mean_and_spread(tmp_
 
     calls.clear()
     (out / "results.md").unlink()
-    sweep.main(args + ["--report-only"])
+    sweep.run(args + ["--report-only"])
     assert calls == []  # the report reads the finished final runs, trains nothing
     md = (out / "results.md").read_text()
     assert "| kd-tau | kd | DISTILL.PIXEL_KD.TAU=4.0, SOLVER.BASE_LR=0.02 | 62.50 +- 0.71 |" in md
@@ -243,13 +243,13 @@ def test_final_seeds_train_each_stage_best_again_and_report_mean_and_spread(tmp_
 
 def test_a_grid_extended_after_a_run_trains_only_the_new_points(tmp_path):
     sweep, calls, args = _recording_sweep(tmp_path, SWEEP_YAML)
-    sweep.main(args)
+    sweep.run(args)
     assert len(calls) == 6
     calls.clear()
     # A new learning rate in the student's grid: Optuna would refuse to suggest from a changed choice list.
     (tmp_path / "sweep.yaml").write_text(SWEEP_YAML.replace("[0.01, 0.02]}\n  - name: kd-lr",
                                                             "[0.01, 0.02, 0.04]}\n  - name: kd-lr"))
-    result = sweep.main(args)
+    result = sweep.run(args)
     assert calls == [{"SOLVER.MAX_ITER": 5, "SOLVER.BASE_LR": 0.04}]
     assert result["best"]["student"]["params"] == {"SOLVER.BASE_LR": 0.04}
     assert result["best"]["student"]["metric"] == pytest.approx(55.0)
@@ -259,19 +259,19 @@ def test_run_trial_forwards_the_machines_of_a_trial(tmp_path, monkeypatch):
     sweep = _load()
     seen = []
 
-    def fake_run(cmd, cwd, stdout, stderr):
+    def fake_run(cmd, env, stdout, stderr):
         seen.append(cmd)
         return subprocess.CompletedProcess(cmd, 0 if len(seen) < 3 else 1)
 
     monkeypatch.setattr(sweep.subprocess, "run", fake_run)
     with pytest.raises(sweep.TrialFailed, match="exit code 0"):  # rank 0 must leave final_metrics.json
         sweep.run_trial("cfg.yaml", [], str(tmp_path / "a"))
-    assert seen[0][2:12] == ["--config-file", "cfg.yaml", "--num-gpus", "1", "--num-machines", "1",
+    assert seen[0][3:13] == ["--config-file", "cfg.yaml", "--num-gpus", "1", "--num-machines", "1",
                              "--machine-rank", "0", "--dist-url", "auto"]
     # Another machine's part of a training: rank 0's resume decision, and rank 0 writes the metrics.
     assert sweep.run_trial("cfg.yaml", ["SEED", 7], str(tmp_path / "b"), 2, resume=True, num_machines=2,
                            machine_rank=1, dist_url="tcp://10.0.0.1:2345") is None
-    assert seen[1][2:13] == ["--config-file", "cfg.yaml", "--num-gpus", "2", "--num-machines", "2",
+    assert seen[1][3:14] == ["--config-file", "cfg.yaml", "--num-gpus", "2", "--num-machines", "2",
                              "--machine-rank", "1", "--dist-url", "tcp://10.0.0.1:2345", "--resume"]
     with pytest.raises(sweep.TrialFailed, match="exit code 1"):
         sweep.run_trial("cfg.yaml", [], str(tmp_path / "c"), num_machines=2, machine_rank=1, dist_url="tcp://h:1")
@@ -280,10 +280,10 @@ def test_run_trial_forwards_the_machines_of_a_trial(tmp_path, monkeypatch):
 def test_several_machines_need_a_dist_url_they_can_all_reach(tmp_path, capsys):
     sweep, calls, args = _recording_sweep(tmp_path, SWEEP_YAML)
     with pytest.raises(SystemExit):
-        sweep.main(args + ["--num-machines", "2", "--machine-rank", "1"])
+        sweep.run(args + ["--num-machines", "2", "--machine-rank", "1"])
     assert "--num-machines 2 needs --dist-url tcp://HOST:PORT" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        sweep.main(args + ["--num-machines", "2", "--machine-rank", "2", "--dist-url", "tcp://h:1"])
+        sweep.run(args + ["--num-machines", "2", "--machine-rank", "2", "--dist-url", "tcp://h:1"])
     assert "--machine-rank must be in [0, 1]" in capsys.readouterr().err
     assert calls == [] and not (tmp_path / "out" / "study.db").exists()
 
@@ -310,7 +310,7 @@ def fake(config, overrides, output_dir, num_gpus=1, resume=None, num_machines=1,
     o = dict(zip(overrides[::2], overrides[1::2]))
     return {"sem_seg": {"mIoU": 50.0 + 100 * float(o["SOLVER.BASE_LR"])}} if machine_rank == 0 else None
 sweep.run_trial = fake
-sweep.main(sys.argv[4:])
+sweep.run(sys.argv[4:])
 """
 
 
@@ -366,7 +366,7 @@ sweep.run_trial = fake
 open(os.path.join(ready, str(os.getpid())), "w").close()
 while len(os.listdir(ready)) < 2:
     time.sleep(0.01)
-sweep.main(sys.argv[5:])
+sweep.run(sys.argv[5:])
 """
 
 

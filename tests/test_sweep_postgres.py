@@ -1,4 +1,4 @@
-"""tools/sweep.py on a real PostgreSQL server: two sweep processes (as on two machines) share one study."""
+"""The sweep on a real PostgreSQL server: two sweep processes (as on two machines) share one study."""
 import csv
 import glob
 import json
@@ -17,7 +17,7 @@ import pytest
 from .test_sweep import run_together
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEP_PY = os.path.join(ROOT, "tools", "sweep.py")
+SWEEP_PY = os.path.join(ROOT, "selftrain_d2", "orchestration", "sweep.py")
 
 
 def _server_binaries():
@@ -167,7 +167,7 @@ open(os.path.join(ready, str(os.getpid())), "w").close()
 deadline = time.time() + 120
 while len(os.listdir(ready)) < 2 and time.time() < deadline:
     time.sleep(0.01)
-sweep.main(sys.argv[4:])
+sweep.run(sys.argv[4:])
 """
 
 

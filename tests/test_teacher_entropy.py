@@ -61,7 +61,7 @@ def test_teacher_entropy_statistics_and_table():
 
 
 def test_tool_scores_a_kd_configs_teacher(tmp_path, capsys):
-    path = os.path.join(ROOT, "tools", "teacher_entropy.py")
+    path = os.path.join(ROOT, "selftrain_d2", "cli", "teacher_entropy.py")
     spec = importlib.util.spec_from_file_location("teacher_entropy", path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)

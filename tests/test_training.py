@@ -76,7 +76,7 @@ def test_resume_after_kill_repeats_the_uninterrupted_run(fast_cfg, tmp_path):
 
 
 def _train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(ROOT, "tools", "train_net.py"))
+    spec = importlib.util.spec_from_file_location("train_net", os.path.join(ROOT, "selftrain_d2", "cli", "train_net.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -87,7 +87,7 @@ def test_eval_only_reproduces_the_final_metrics_without_a_train_loader(tmp_path,
     out = str(tmp_path / "out")
     common = ["--config-file", DEMO_CONFIG]
     opts = FAST_TRAIN_OPTS + ["OUTPUT_DIR", out]
-    trained = train_net.main(default_argument_parser().parse_args(common + opts))
+    trained = train_net.run(default_argument_parser().parse_args(common + opts))
     assert "sem_seg" in trained and 0 <= trained["sem_seg"]["mIoU"] <= 100
     assert json.load(open(os.path.join(out, "final_metrics.json")))["sem_seg"]["mIoU"] == trained["sem_seg"]["mIoU"]
 
@@ -95,7 +95,7 @@ def test_eval_only_reproduces_the_final_metrics_without_a_train_loader(tmp_path,
         raise AssertionError("--eval-only built a training data loader")
 
     monkeypatch.setattr(Trainer, "build_train_loader", classmethod(no_train_loader))
-    evaluated = train_net.main(default_argument_parser().parse_args(
+    evaluated = train_net.run(default_argument_parser().parse_args(
         common + ["--eval-only"] + opts + ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth")]))
     assert evaluated["sem_seg"] == pytest.approx(trained["sem_seg"], abs=1e-9)
 

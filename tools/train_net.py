@@ -1,45 +1,11 @@
 #!/usr/bin/env python
 """Train or evaluate any selftrain-d2 / Detectron2 model from a YAML config.
 
-    python tools/train_net.py --config-file configs/demo/deeplabv3plus-effnetlite0.yaml
-    python tools/train_net.py --config-file CFG --num-gpus 2            # 2 GPUs
-    python tools/train_net.py --config-file CFG --num-gpus 2 MODEL.DEVICE cpu   # 2 CPU processes (gloo)
-    python tools/train_net.py --config-file CFG --num-gpus 8 --num-machines 2 --machine-rank R \
-        --dist-url tcp://HOST_OF_RANK_0:PORT                            # on each of 2 machines, R = 0 and 1
-    python tools/train_net.py --config-file CFG --resume                  # continue from last_checkpoint
-    python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
-
-The trainer class is ``SELFTRAIN.TRAINER`` (e.g. ``SemiSupervisedTrainer`` for guided distillation).
+Runs the command ``selftrain_d2.cli.train_net`` (``--help`` says the rest).
 """
 import sys
 
-from selftrain_d2.engine import build_trainer_class, default_argument_parser, launch_from_args, setup, write_results
-from selftrain_d2.engine.checkpoint import Checkpointer
-from selftrain_d2.engine.launch import LaunchError
-
-
-def main(args):
-    cfg = setup(args)
-    trainer_cls = build_trainer_class(cfg)
-    if args.eval_only:
-        # No training loader is built on this path.
-        if hasattr(trainer_cls, "eval_only"):  # trainers whose checkpoints hold more than one model
-            results = trainer_cls.eval_only(cfg, resume=args.resume)
-        else:
-            model = trainer_cls.build_model(cfg)
-            Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-            results = trainer_cls.test(cfg, model)
-        write_results(cfg.OUTPUT_DIR, results, name="eval_metrics.json")
-        return results
-    trainer = trainer_cls(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
-
+from selftrain_d2.cli.train_net import main
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    try:
-        launch_from_args(main, args)
-    except LaunchError as e:
-        sys.exit(f"train_net.py: error: {e}")
+    sys.exit(main())

@@ -3,7 +3,7 @@
 A stage type knows which options it takes, what its result depends on (``fingerprint``: hashed with the
 fingerprints of the stages it uses, so a change anywhere upstream reruns it), how to run into its own
 folder (resuming when asked), and what it leaves there (``collect``: weights, config, metrics, datasets).
-Training and labelling run as subprocesses of the project's own tools, so every stage's log, checkpoints
+Training and labelling run as subprocesses of the project's own commands (``selftrain_d2.cli``), so every stage's log, checkpoints
 and launch (``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``) are exactly those of the
 command a user would type. Such stages are ``DISTRIBUTED``: in a recipe across machines, every machine runs
 them together; the others run on machine rank 0 only (see ``runner``).
@@ -22,13 +22,13 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
+from ..orchestration.commands import command, command_env, resolve_path
 from ..utils.registry import NamedRegistry
 from ..utils.safe_load import weights_file_problem
 from .spec import RecipeError
 
-__all__ = ["OUTPUT_LOCK", "STAGE_REGISTRY", "RecipeContext", "Stage", "tool_path"]
+__all__ = ["OUTPUT_LOCK", "STAGE_REGISTRY", "RecipeContext", "Stage"]
 
 # The open lock file of the recipe output folder while this process (thread) holds it (set by the runner);
 # stage commands inherit it.
@@ -38,14 +38,6 @@ logger = logging.getLogger(__name__)
 
 STAGE_REGISTRY = NamedRegistry("RECIPE_STAGE")
 STAGE_REGISTRY.__doc__ = "Recipe stage types, by the name used as ``type:`` in recipe files."
-
-
-def tool_path(name):
-    """A script of the repository's ``tools/`` folder (the project runs from its checkout)."""
-    path = Path(__file__).resolve().parents[2] / "tools" / name
-    if not path.is_file():
-        raise RecipeError(f"{path} not found: run recipes from a checkout of selftrain-d2 (pip install -e .)")
-    return str(path)
 
 
 class RecipeContext:
@@ -73,9 +65,7 @@ class RecipeContext:
 
     def config_path(self, path):
         """A config path from the recipe: relative to the recipe file's folder, else to the current one."""
-        base = os.path.dirname(self.recipe.path) if self.recipe.path else os.getcwd()
-        candidate = os.path.join(base, os.path.expanduser(path))
-        return os.path.abspath(candidate if os.path.exists(candidate) else path)
+        return resolve_path(path, relative_to=self.recipe.path)
 
     def result(self, name, key):
         value = self.results[name].get(key)
@@ -122,7 +112,7 @@ def _die_with_this_process():
 def _run(cmd, what):
     logger.info("Running %s:\n  %s", what, " ".join(map(str, cmd)))
     lock = OUTPUT_LOCK.get()
-    proc = subprocess.Popen([str(c) for c in cmd], env=dict(os.environ), start_new_session=True,
+    proc = subprocess.Popen([str(c) for c in cmd], env=command_env(), start_new_session=True,
                             preexec_fn=_die_with_this_process(), pass_fds=(lock.fileno(),) if lock else ())
     if lock is not None:
         lock.write(f"{what}: pid {proc.pid}, process group {proc.pid}\n")
@@ -268,7 +258,7 @@ class TrainStage(Stage):
 
     def run(self, out_dir, resume):
         config = self.ctx.config_path(self.options["config"])
-        cmd = [self.ctx.python, tool_path("train_net.py"), "--config-file", config, *self.ctx.launch_args()]
+        cmd = [*command("train_net", self.ctx.python), "--config-file", config, *self.ctx.launch_args()]
         if resume:
             cmd.append("--resume")
         opts = self.opts + self.ctx.opts
@@ -319,7 +309,7 @@ class EvaluateStage(Stage):
 
     def run(self, out_dir, resume):
         ctx, model = self.ctx, self.options["model"]
-        cmd = [ctx.python, tool_path("train_net.py"), "--eval-only", "--config-file", ctx.result(model, "config"),
+        cmd = [*command("train_net", ctx.python), "--eval-only", "--config-file", ctx.result(model, "config"),
                *ctx.launch_args(), "OUTPUT_DIR", out_dir, "MODEL.WEIGHTS", ctx.result(model, "weights"),
                "DATASETS.TEST", repr(tuple(_as_list(self.options["datasets"])))] + self.opts + ctx.opts
         _run(cmd, f"stage {self.spec.name!r} (evaluate)")
@@ -346,7 +336,7 @@ class PseudoLabelStage(Stage):
 
     def run(self, out_dir, resume):
         ctx, model = self.ctx, self.options["model"]
-        cmd = [ctx.python, tool_path("generate_pseudo_labels.py"), "--config-file", ctx.result(model, "config"),
+        cmd = [*command("generate_pseudo_labels", ctx.python), "--config-file", ctx.result(model, "config"),
                "--input", self._input(), "--output", out_dir, *ctx.launch_args(),
                "MODEL.WEIGHTS", ctx.result(model, "weights")] + self.opts + ctx.opts
         _run(cmd, f"stage {self.spec.name!r} (pseudo labels)")

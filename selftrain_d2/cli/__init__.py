@@ -1,0 +1,68 @@
+"""The project's commands, one module each with a ``main(argv=None)`` that returns an exit status.
+
+Run them as ``python -m selftrain_d2.cli.<name>``, through the scripts of the checkout's ``tools/`` folder, or
+as the console scripts ``setup.py`` installs (``selftrain-train`` ...; ``COMMANDS`` lists them). Every command
+takes ``--version``.
+"""
+import argparse
+import sys
+
+__all__ = ["COMMANDS", "add_version_argument", "launch_command", "version_string"]
+
+# console script -> module of this package (setup.py reads this dict from this file's text)
+COMMANDS = {
+    "selftrain-train": "train_net",
+    "selftrain-pseudo-labels": "generate_pseudo_labels",
+    "selftrain-recipe": "run_recipe",
+    "selftrain-sweep": "sweep",
+    "selftrain-splits": "make_splits",
+    "selftrain-metrics": "show_metrics",
+    "selftrain-teacher-entropy": "teacher_entropy",
+}
+
+
+def version_string():
+    """``selftrain-d2 X (torch Y, detectron2 Z)``, reading only installed metadata (nothing is imported)."""
+    from importlib import metadata
+
+    def version(dist):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    from selftrain_d2.version import __version__
+
+    detectron2 = version("sal-detectron2")
+    if detectron2 == "not installed":
+        detectron2 = version("detectron2")
+    return f"selftrain-d2 {__version__} (torch {version('torch')}, detectron2 {detectron2})"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_string())
+        parser.exit()
+
+
+def add_version_argument(parser):
+    """``--version``: print :func:`version_string` and exit."""
+    parser.add_argument("--version", action=_VersionAction, help="print the versions and exit")
+    return parser
+
+
+def launch_command(name, run, args):
+    """``run(args)`` in every process of the launch ``args`` asks for (``--num-gpus``, ``--num-machines`` ...);
+    a launch that cannot work exits with its reason. Returns the exit status 0."""
+    from selftrain_d2.engine import launch_from_args
+    from selftrain_d2.engine.launch import LaunchError
+
+    print("Command Line Args:", args)
+    try:
+        launch_from_args(run, args)
+    except LaunchError as e:
+        sys.exit(f"{name}: error: {e}")
+    return 0
