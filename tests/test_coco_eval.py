@@ -71,3 +71,26 @@ def test_build_evaluator_gives_the_compiled_coco_evaluator(synthetic, tmp_path):
     MetadataCatalog.get(name).evaluator_type = "coco"
     evaluator = build_evaluator(cfg, name)
     assert isinstance(evaluator, FastCOCOEvaluator) and evaluator._compiled is compiled_cocoeval()
+
+
+def test_datasets_with_string_image_ids_give_the_same_ap(tmp_path):
+    """The compiled COCOeval takes numeric ids only; Detectron2 datasets (the demo's) may name images by string."""
+    import json
+
+    json_file, predictions = synthetic_coco(str(tmp_path), num_images=6, instances=5, size=(48, 64), seed=5)
+    with open(json_file) as f:
+        data = json.load(f)
+    for image in data["images"]:
+        image["id"] = f"scene_{image['id']:03d}"
+    for annotation in data["annotations"]:
+        annotation["image_id"] = f"scene_{annotation['image_id']:03d}"
+    named = tmp_path / "named.json"
+    named.write_text(json.dumps(data))
+    name = "test_coco_eval_string_ids"
+    register_synthetic(name, str(named))
+    named_predictions = [(f"scene_{image_id:03d}", instances) for image_id, instances in predictions()]
+    evaluator, fast = _evaluate(name, named_predictions)
+    assert evaluator._compiled is compiled_cocoeval()
+    _, slow = _evaluate(name, named_predictions, compiled=False)
+    assert 5 < fast["segm"]["AP"] < 95
+    assert same_results(fast, slow), (fast, slow)

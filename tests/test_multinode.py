@@ -100,7 +100,7 @@ def test_train_net_refuses_cpu_processes_not_asked_for_before_starting_them(tmp_
            "MODEL.DEVICE", "cuda", "OUTPUT_DIR", str(tmp_path / "out")]
     proc = subprocess.run(cmd, cwd=ROOT, env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
-    assert "train_net.py: error: --num-gpus 2" in proc.stderr and "MODEL.DEVICE cpu" in proc.stderr
+    assert "train_net: error: --num-gpus 2" in proc.stderr and "MODEL.DEVICE cpu" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 

@@ -4,6 +4,8 @@ give the same AP figures (tests/test_coco_eval.py); ``benchmarks/coco_eval_speed
 
 Detectron2's own fast COCOeval needs its compiled ``detectron2._C``, which does not load with current torch.
 """
+import contextlib
+import io
 import logging
 import threading
 from unittest import mock
@@ -42,6 +44,7 @@ def _evaluate_with(compiled):
                             max_dets_per_image=max_dets_per_image)
         if iou_type == "segm":
             coco_results = [{k: v for k, v in result.items() if k != "bbox"} for result in coco_results]
+        coco_gt, coco_results, img_ids = _integer_image_ids(coco_gt, coco_results, img_ids)
         coco_eval = compiled(coco_gt, coco_gt.loadRes(coco_results), iou_type, print_function=logger.info)
         coco_eval.params.maxDets = max_dets
         if img_ids is not None:
@@ -52,6 +55,27 @@ def _evaluate_with(compiled):
         return coco_eval
 
     return evaluate
+
+
+def _integer_image_ids(coco_gt, coco_results, img_ids):
+    """The compiled COCOeval takes numeric image ids only; Detectron2 datasets may use any (the demo's are file
+    stems). Where one is not an integer, every image id is replaced by its index, in a copy of the ground truth
+    and of the results (the AP figures do not depend on the ids)."""
+    images = coco_gt.dataset.get("images", [])
+    if all(isinstance(image["id"], int) for image in images):
+        return coco_gt, coco_results, img_ids
+    from pycocotools.coco import COCO
+
+    index = {image["id"]: i for i, image in enumerate(images)}
+    dataset = dict(coco_gt.dataset)
+    dataset["images"] = [{**image, "id": index[image["id"]]} for image in images]
+    dataset["annotations"] = [{**a, "image_id": index[a["image_id"]]} for a in coco_gt.dataset.get("annotations", [])]
+    renumbered = COCO()
+    renumbered.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        renumbered.createIndex()
+    results = [{**r, "image_id": index[r["image_id"]]} for r in coco_results]
+    return renumbered, results, None if img_ids is None else [index[i] for i in img_ids]
 
 
 class FastCOCOEvaluator(COCOEvaluator):
