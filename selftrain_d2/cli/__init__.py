@@ -4,7 +4,6 @@ Run them as ``python -m selftrain_d2.cli.<name>``, through the scripts of the ch
 as the console scripts ``setup.py`` installs (``selftrain-train`` ...; ``COMMANDS`` lists them). Every command
 takes ``--version``.
 """
-import argparse
 import sys
 
 __all__ = ["COMMANDS", "add_version_argument", "launch_command", "version_string"]
@@ -39,18 +38,9 @@ def version_string():
     return f"selftrain-d2 {__version__} (torch {version('torch')}, detectron2 {detectron2})"
 
 
-class _VersionAction(argparse.Action):
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
-        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(version_string())
-        parser.exit()
-
-
 def add_version_argument(parser):
     """``--version``: print :func:`version_string` and exit."""
-    parser.add_argument("--version", action=_VersionAction, help="print the versions and exit")
+    parser.add_argument("--version", action="version", version=version_string(), help="print the versions and exit")
     return parser
 
 

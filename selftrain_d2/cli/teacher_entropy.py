@@ -13,9 +13,7 @@ with the test-time mapper, and the map pixel KD reads (the teacher side of the `
 or ``--tap``) is scored per pixel. Prints a Markdown table; ``--output`` also writes it as JSON.
 """
 import argparse
-import json
 import logging
-import os
 import sys
 
 import torch
