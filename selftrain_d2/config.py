@@ -52,6 +52,15 @@ def add_selftrain_config(cfg):
     cfg.PSEUDO_LABELS.SOFT_TOP_K = 3
     # Instance teachers: predictions scoring below this are dropped.
     cfg.PSEUDO_LABELS.INSTANCE_SCORE_THRESHOLD = 0.5
+    cfg.PSEUDO_LABELS.CLASS_BALANCE = CN()
+    # Semantic teachers: add to each class's log-probability an offset fitted so that the pseudo labels' class
+    # shares match SHARES (thin classes a teacher under-predicts get pixels back; pseudo_labels/class_balance.py).
+    cfg.PSEUDO_LABELS.CLASS_BALANCE.ENABLED = False
+    # Target pixel share of each class (NUM_CLASSES numbers); empty: the shares in the labels of DATASETS.TRAIN.
+    cfg.PSEUDO_LABELS.CLASS_BALANCE.SHARES = []
+    # Input images (evenly spaced) and random pixels of each whose probabilities the offsets are fitted on.
+    cfg.PSEUDO_LABELS.CLASS_BALANCE.SAMPLE_IMAGES = 100
+    cfg.PSEUDO_LABELS.CLASS_BALANCE.SAMPLE_PIXELS = 4096
     cfg.PSEUDO_LABELS.TTA = CN()
     # Scales (multiples of the INPUT.MIN_SIZE_TEST-resized image) whose class probabilities are averaged.
     cfg.PSEUDO_LABELS.TTA.SCALES = [1.0]

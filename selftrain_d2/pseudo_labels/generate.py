@@ -46,7 +46,7 @@ from detectron2.utils import comm
 from ..data.image_io import UnreadableImageError, read_image
 from ..data.records import image_key
 from ..utils.io import atomic_write_json, fsync_dir, remove_temporaries
-from . import storage
+from . import class_balance, storage
 from .tta import multi_scale_flip, sliding_window
 
 __all__ = [
@@ -353,10 +353,11 @@ class _Writer:
 
 
 def _check_settings(root, meta):
-    """meta.json of an earlier run must have been written with the same settings and source."""
+    """meta.json of an earlier run must have been written with the same settings and source; returns it (or
+    None)."""
     path = os.path.join(root, "meta.json")
     if not os.path.exists(path):
-        return
+        return None
     with open(path) as f:
         previous = json.load(f)
     for field in ("task", "settings", "source", "teacher_weights", "teacher_meta_architecture"):
@@ -365,6 +366,7 @@ def _check_settings(root, meta):
                 f"{path}: this folder holds pseudo labels made with {field} = {previous.get(field)!r}, but this run "
                 f"asks for {meta.get(field)!r}; use another --output folder or delete this one"
             )
+    return previous
 
 
 # ---------------------------------------------------------------------------------------------------- labelling
@@ -387,10 +389,18 @@ def _settings(cfg, task):
             f"PSEUDO_LABELS.SLIDING_WINDOW.SIZE {list(sw.SIZE)} and STRIDE {list(sw.STRIDE)} must be (height, width) "
             "pairs of positive sizes, each stride at most the window size"
         )
-    if task == "instance" and (scales != [1.0] or pl.TTA.FLIP or sw.ENABLED):
+    cb = pl.CLASS_BALANCE
+    if task == "instance" and (scales != [1.0] or pl.TTA.FLIP or sw.ENABLED or cb.ENABLED):
         raise ValueError(
-            "PSEUDO_LABELS.TTA and PSEUDO_LABELS.SLIDING_WINDOW apply to semantic teachers only; "
-            f"{cfg.MODEL.META_ARCHITECTURE} predicts instances"
+            "PSEUDO_LABELS.TTA, PSEUDO_LABELS.SLIDING_WINDOW and PSEUDO_LABELS.CLASS_BALANCE apply to semantic "
+            f"teachers only; {cfg.MODEL.META_ARCHITECTURE} predicts instances"
+        )
+    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    if cb.ENABLED and (cb.SAMPLE_IMAGES < 1 or cb.SAMPLE_PIXELS < 1
+                       or (len(cb.SHARES) and (len(cb.SHARES) != num_classes or min(cb.SHARES) < 0))):
+        raise ValueError(
+            f"PSEUDO_LABELS.CLASS_BALANCE: SAMPLE_IMAGES ({cb.SAMPLE_IMAGES}) and SAMPLE_PIXELS ({cb.SAMPLE_PIXELS}) "
+            f"must be positive and SHARES empty or {num_classes} non-negative numbers, got {list(cb.SHARES)}"
         )
     settings = {"task": task, "format": pl.FORMAT, "save_confidence": bool(pl.SAVE_CONFIDENCE)}
     if task == "semantic":
@@ -399,6 +409,11 @@ def _settings(cfg, task):
             sliding_window=[list(sw.SIZE), list(sw.STRIDE)] if sw.ENABLED else None,
             test_size=[cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST],
         )
+        if cb.ENABLED:  # the key only when on: folders written before it existed keep their settings
+            settings["class_balance"] = {
+                "shares": [float(v) for v in cb.SHARES] or {"labels_of": list(cfg.DATASETS.TRAIN)},
+                "sample_images": int(cb.SAMPLE_IMAGES), "sample_pixels": int(cb.SAMPLE_PIXELS),
+            }
     else:
         settings.update(format="coco", save_confidence=False,
                         instance_score_threshold=float(pl.INSTANCE_SCORE_THRESHOLD))
@@ -484,6 +499,62 @@ def _write_instances(files, prediction, height, width, contiguous_to_dataset_id)
     return [files["instances"]]
 
 
+def _class_offsets(cfg, root, keyed, model, scores, num_classes, ignore_label):
+    """The per-class offsets of this folder's pseudo labels (see :mod:`.class_balance`): those meta.json holds
+    when an earlier run fitted them, else fitted on an evenly spaced sample of the input (each rank predicts
+    part of it; every rank fits the same offsets from the gathered pixels) and recorded in meta.json."""
+    path = os.path.join(root, "meta.json")
+    with open(path) as f:
+        meta = json.load(f)
+    if "class_balance" in meta:
+        return np.asarray(meta["class_balance"]["offsets"], dtype=np.float64)
+    cb = cfg.PSEUDO_LABELS.CLASS_BALANCE
+    if len(cb.SHARES):
+        target = np.asarray(cb.SHARES, dtype=np.float64)
+    else:
+        records = [r for name in cfg.DATASETS.TRAIN for r in DatasetCatalog.get(name)]
+        target = class_balance.label_class_shares(records, num_classes, ignore_label)
+    sample = sorted(set(np.linspace(0, len(keyed) - 1, min(int(cb.SAMPLE_IMAGES), len(keyed))).round().astype(int)))
+    rank, world_size = comm.get_rank(), comm.get_world_size()
+    mine = [i for j, i in enumerate(sample) if j % world_size == rank]
+    if mine and model is None:
+        model = _build_teacher(cfg)
+    pixels = []
+    if mine:
+        model.eval()
+        device = _model_device(model, cfg)
+        reader = _Prefetcher([keyed[i] for i in mine], cfg, max(1, int(cfg.DATALOADER.NUM_WORKERS)))
+        try:
+            with torch.no_grad():
+                for i, (_, _, item) in zip(mine, reader):
+                    if isinstance(item, UnreadableImageError):
+                        continue  # reported by the labelling loop
+                    image, size = item
+                    probs = semantic_probabilities(model, image.to(device), size, cfg, scores)
+                    pixels.append(class_balance.sample_pixels(probs, cb.SAMPLE_PIXELS, seed=i))
+        finally:
+            reader.close()
+    pixels = [p for rank_pixels in comm.all_gather(pixels) for p in rank_pixels]
+    if not pixels:
+        raise ValueError(f"class-balanced pseudo labels: none of the {len(sample)} sampled input images could be read")
+    pixels = np.concatenate(pixels)
+    if pixels.shape[1] != num_classes:
+        raise ValueError(f"the teacher predicts {pixels.shape[1]} classes but the class list has {num_classes}; "
+                         "check MODEL.SEM_SEG_HEAD.NUM_CLASSES and the input's metadata")
+    offsets, shares = class_balance.fit_class_offsets(pixels, target)
+    if comm.is_main_process():
+        teacher_shares = class_balance.argmax_shares(np.log(np.clip(pixels, 1e-12, None)), np.zeros(num_classes))
+        meta["class_balance"] = {
+            "offsets": offsets.tolist(), "target_shares": (target / target.sum()).tolist(),
+            "teacher_shares": teacher_shares.tolist(), "balanced_shares": shares.tolist(),
+            "sampled_pixels": int(pixels.shape[0]),
+        }
+        atomic_write_json(path, meta, indent=2)
+        logger.info("Class balance: offsets %s fitted on %d pixels", np.round(offsets, 3).tolist(), pixels.shape[0])
+    comm.synchronize()
+    return offsets
+
+
 def _build_teacher(cfg):
     from ..modeling import build_model
     from ..utils.safe_load import SafeCheckpointer
@@ -542,7 +613,9 @@ def generate_pseudo_labels(cfg, input, output_dir, model=None, teacher_config=No
         if class_meta is not None and class_meta.get("thing_colors", None) is not None:
             meta["thing_colors"] = class_meta.get("thing_colors")
     if comm.is_main_process():
-        _check_settings(root, meta)
+        previous = _check_settings(root, meta)
+        if previous is not None and "class_balance" in previous:
+            meta["class_balance"] = previous["class_balance"]  # fitted once: labels made so far used these
         # Before any rank writes: a temporary file now can only be one a kill left behind.
         removed = _remove_interrupted_writes(root)
         if removed:
@@ -560,6 +633,9 @@ def generate_pseudo_labels(cfg, input, output_dir, model=None, teacher_config=No
 
     if todo and model is None:
         model = _build_teacher(cfg)
+    offsets = None
+    if "class_balance" in settings:
+        offsets = _class_offsets(cfg, root, keyed, model, scores, len(classes), ignore_label)
     written, skipped = 0, []
     threads = max(1, int(cfg.DATALOADER.NUM_WORKERS))
     log = _ProgressLog(layout.progress_file(rank))
@@ -583,6 +659,8 @@ def generate_pseudo_labels(cfg, input, output_dir, model=None, teacher_config=No
                     image = image.to(device)
                     if task == "semantic":
                         prediction = semantic_probabilities(model, image, (height, width), cfg, scores)
+                        if offsets is not None:
+                            prediction = class_balance.apply_class_offsets(prediction, offsets)
                     else:
                         prediction = instance_predictions(model, image, height, width,
                                                           settings["instance_score_threshold"])
