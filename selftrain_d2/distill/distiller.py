@@ -15,9 +15,6 @@
 ``MODEL.WEIGHTS`` may hold a Distiller checkpoint or a plain student checkpoint (keys without the
 ``student.`` prefix), e.g. a student pretrained without KD.
 """
-import logging
-import os
-
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -25,14 +22,12 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList
 from torch import nn
 
+from ..teacher.frozen import build_frozen_teacher, load_teacher_config
 from ..utils.precision import autocast_off
-from ..utils.safe_load import SafeCheckpointer
 from .losses import KDInputs, build_kd_losses
 from .taps import FeatureTaps, make_adapters, probe_channels
 
 __all__ = ["Distiller", "build_teacher", "kd_loss_terms", "parse_taps", "probe_size"]
-
-logger = logging.getLogger(__name__)
 
 _OWN_PREFIXES = ("student.", "adapters.", "kd_losses.")
 
@@ -67,16 +62,10 @@ def probe_size(cfg):
 
 
 def build_teacher(cfg):
-    """The frozen teacher: built from ``DISTILL.TEACHER.CONFIG`` on this config's device, its weights from
-    ``DISTILL.TEACHER.WEIGHTS``, in eval mode, every parameter with ``requires_grad`` False."""
-    from ..config import load_config
-
+    """The frozen teacher of ``DISTILL.TEACHER.CONFIG`` on this config's device with ``DISTILL.TEACHER.WEIGHTS``
+    (:func:`selftrain_d2.teacher.build_frozen_teacher`), and its config."""
     t = cfg.DISTILL.TEACHER
-    if not t.CONFIG:
-        raise ValueError("DISTILL.TEACHER.CONFIG is empty: name the teacher's config file")
-    if not os.path.isfile(t.CONFIG):
-        raise FileNotFoundError(f"DISTILL.TEACHER.CONFIG: config file not found: {t.CONFIG} (cwd {os.getcwd()})")
-    tcfg = load_config(t.CONFIG)
+    tcfg = load_teacher_config(t.CONFIG, cfg.MODEL.DEVICE, "DISTILL.TEACHER.CONFIG")
     if tcfg.MODEL.META_ARCHITECTURE == "Distiller":
         raise ValueError(f"DISTILL.TEACHER.CONFIG {t.CONFIG} builds a Distiller; the teacher must be a plain model")
     if tcfg.INPUT.FORMAT != cfg.INPUT.FORMAT:
@@ -84,20 +73,7 @@ def build_teacher(cfg):
             f"the teacher ({t.CONFIG}) reads INPUT.FORMAT {tcfg.INPUT.FORMAT!r} but the student's images are "
             f"{cfg.INPUT.FORMAT!r}: they see the same image tensors, so the formats must agree"
         )
-    tcfg.defrost()
-    tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
-    teacher = META_ARCH_REGISTRY.get(tcfg.MODEL.META_ARCHITECTURE)(tcfg)
-    teacher.to(torch.device(cfg.MODEL.DEVICE))
-    if t.WEIGHTS:
-        if "://" not in t.WEIGHTS and not os.path.isfile(t.WEIGHTS):
-            raise FileNotFoundError(f"DISTILL.TEACHER.WEIGHTS: checkpoint not found: {t.WEIGHTS}")
-        SafeCheckpointer(teacher).load(t.WEIGHTS)
-    else:
-        logger.warning("DISTILL.TEACHER.WEIGHTS is empty: the teacher keeps its initial weights")
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher, tcfg
+    return build_frozen_teacher(tcfg, t.WEIGHTS, key="DISTILL.TEACHER.WEIGHTS", required=False), tcfg
 
 
 def _size_divisibility(model):

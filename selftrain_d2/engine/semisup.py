@@ -17,7 +17,6 @@ continues mid-burn-in or mid-EMA from the same state; the unlabeled stream is a 
 stream whose batch ``k`` is a pure function of (seed, k), like the labeled one.
 """
 import logging
-import os
 
 import numpy as np
 import torch
@@ -31,8 +30,9 @@ from detectron2.utils.events import get_event_storage
 from ..data.build import SeededTrainStream, mix_seed
 from ..data.mappers import MAPPER_REGISTRY
 from ..modeling import build_model
-from ..teacher import FrozenTeacher, PseudoLabeler, copy_weights_, ema_update_
-from ..utils.safe_load import SafeCheckpointer
+from ..teacher import (
+    FrozenTeacher, PseudoLabeler, copy_weights_, ema_update_, load_teacher_config, load_teacher_weights,
+)
 from .checkpoint import Checkpointer
 from .ddp import unwrap_ddp
 from .train_step import TrainStep
@@ -258,7 +258,10 @@ class SemiSupervisedTrainer(Trainer):
             if not ss.TEACHER.WEIGHTS:
                 raise ValueError("SEMISUP.MODE 'guided' with BURN_IN_ITERS > 0 needs SEMISUP.TEACHER.WEIGHTS: the "
                                  "checkpoint of a teacher trained on the labeled split (tools/train_net.py)")
-            guide = self.teacher if not ss.TEACHER.CONFIG else FrozenTeacher(build_model(self._guide_config()))
+            guide = self.teacher
+            if ss.TEACHER.CONFIG:  # its weights are loaded by resume_or_load, before a checkpoint's
+                tcfg = load_teacher_config(ss.TEACHER.CONFIG, cfg.MODEL.DEVICE, "SEMISUP.TEACHER.CONFIG")
+                guide = FrozenTeacher(build_model(tcfg))
             if guide.model.sem_seg_head.num_classes != student.sem_seg_head.num_classes:
                 raise ValueError(f"SEMISUP.TEACHER.CONFIG {ss.TEACHER.CONFIG} has "
                                  f"{guide.model.sem_seg_head.num_classes} classes, the student "
@@ -274,22 +277,12 @@ class SemiSupervisedTrainer(Trainer):
         )
         self.checkpointer.add_checkpointable("teacher", self.teacher)
 
-    def _guide_config(self):
-        from ..config import load_config
-
-        tcfg = load_config(self.cfg.SEMISUP.TEACHER.CONFIG)
-        tcfg.MODEL.DEVICE = self.cfg.MODEL.DEVICE
-        tcfg.freeze()
-        return tcfg
-
     def _load_guide(self):
         guide, path = self.schedule.guide, self.cfg.SEMISUP.TEACHER.WEIGHTS
         if guide is None:
             return
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"SEMISUP.TEACHER.WEIGHTS: no checkpoint at {path}")
         logger.info(f"Loading the burn-in teacher from {path}")
-        SafeCheckpointer(guide.model).load(path, checkpointables=[])
+        load_teacher_weights(guide.model, path, "SEMISUP.TEACHER.WEIGHTS")
         guide.model.eval()
 
     def resume_or_load(self, resume=True):

@@ -45,6 +45,7 @@ from detectron2.utils import comm
 
 from ..data.image_io import UnreadableImageError, read_image
 from ..data.records import image_key
+from ..teacher.frozen import build_frozen_teacher
 from ..utils.io import atomic_write_json, fsync_dir, remove_temporaries
 from . import class_balance, storage
 from .tta import multi_scale_flip, sliding_window
@@ -518,7 +519,7 @@ def _class_offsets(cfg, root, keyed, model, scores, num_classes, ignore_label):
     rank, world_size = comm.get_rank(), comm.get_world_size()
     mine = [i for j, i in enumerate(sample) if j % world_size == rank]
     if mine and model is None:
-        model = _build_teacher(cfg)
+        model = build_frozen_teacher(cfg, cfg.MODEL.WEIGHTS)
     pixels = []
     if mine:
         model.eval()
@@ -553,17 +554,6 @@ def _class_offsets(cfg, root, keyed, model, scores, num_classes, ignore_label):
         logger.info("Class balance: offsets %s fitted on %d pixels", np.round(offsets, 3).tolist(), pixels.shape[0])
     comm.synchronize()
     return offsets
-
-
-def _build_teacher(cfg):
-    from ..modeling import build_model
-    from ..utils.safe_load import SafeCheckpointer
-
-    if not cfg.MODEL.WEIGHTS:
-        raise ValueError("MODEL.WEIGHTS is empty: the teacher needs trained weights to make pseudo labels")
-    model = build_model(cfg)
-    SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)  # nothing in a .pth / .pkl can run code
-    return model
 
 
 def _progress_bar(total):
@@ -632,7 +622,7 @@ def generate_pseudo_labels(cfg, input, output_dir, model=None, teacher_config=No
     already_done = len(shard) - len(todo)
 
     if todo and model is None:
-        model = _build_teacher(cfg)
+        model = build_frozen_teacher(cfg, cfg.MODEL.WEIGHTS)
     offsets = None
     if "class_balance" in settings:
         offsets = _class_offsets(cfg, root, keyed, model, scores, len(classes), ignore_label)

@@ -1,8 +1,58 @@
-"""The teacher of online distillation: a model kept out of DDP and the optimizer, in eval mode, run
-under ``torch.no_grad``, and saved with the trainer's checkpoints under its own name."""
+"""Teachers: the one way a teacher model is built from its config and weights (guided distillation, KD and
+pseudo labelling all use :func:`build_frozen_teacher`), and the teacher of online distillation, a model kept
+out of DDP and the optimizer, in eval mode, run under ``torch.no_grad``, and saved with the trainer's
+checkpoints under its own name."""
+import logging
+import os
+
 import torch
 
-__all__ = ["FrozenTeacher", "raw_predictions"]
+from ..config import load_config
+from ..modeling import build_model
+from ..utils.safe_load import SafeCheckpointer
+
+__all__ = ["FrozenTeacher", "build_frozen_teacher", "load_teacher_config", "load_teacher_weights", "raw_predictions"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_teacher_config(config_file, device, key):
+    """The teacher's config read from ``config_file`` (the value of the config key ``key``, named in errors),
+    on ``device`` (the student's ``MODEL.DEVICE``)."""
+    if not config_file:
+        raise ValueError(f"{key} is empty: name the teacher's config file")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{key}: config file not found: {config_file} (cwd {os.getcwd()})")
+    tcfg = load_config(config_file)
+    tcfg.defrost()
+    tcfg.MODEL.DEVICE = device
+    return tcfg
+
+
+def load_teacher_weights(model, weights, key):
+    """Load ``weights`` (the value of config key ``key``, named in errors) into ``model``; nothing in a .pth /
+    .pkl can run code."""
+    if "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"{key}: checkpoint not found: {weights}")
+    SafeCheckpointer(model).load(weights)
+
+
+def build_frozen_teacher(cfg, weights, key="MODEL.WEIGHTS", required=True):
+    """The model of ``cfg`` on its ``MODEL.DEVICE`` with ``weights`` loaded (nothing in a .pth / .pkl can run
+    code), in eval mode, every parameter with ``requires_grad`` False. Empty ``weights``: an error naming the
+    config key ``key`` when ``required``, else a warning (the teacher keeps its initial weights, e.g. for a
+    teacher whose weights a checkpoint loads later)."""
+    model = build_model(cfg)
+    if weights:
+        load_teacher_weights(model, weights, key)
+    elif required:
+        raise ValueError(f"{key} is empty: the teacher needs trained weights")
+    else:
+        logger.warning("%s is empty: the teacher keeps its initial weights", key)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 def raw_predictions(model, batched_inputs):
