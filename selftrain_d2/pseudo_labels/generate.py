@@ -46,6 +46,7 @@ from detectron2.utils import comm
 from ..data.image_io import UnreadableImageError, read_image
 from ..data.records import image_key
 from ..teacher.frozen import build_frozen_teacher
+from ..teacher.probabilities import SCORE_KINDS, scores_to_probabilities
 from ..utils.io import atomic_write_json, fsync_dir, remove_temporaries
 from . import class_balance, storage
 from .tta import multi_scale_flip, sliding_window
@@ -68,7 +69,6 @@ _TEACHER_OUTPUTS = {
     "Mask2FormerSemantic": ("semantic", "scores"),
     "Mask2FormerInstance": ("instance", None),
 }
-_KINDS = ("logits", "scores")
 
 
 def register_teacher_output(meta_architecture, task, scores=None):
@@ -80,8 +80,8 @@ def register_teacher_output(meta_architecture, task, scores=None):
     """
     if task not in ("semantic", "instance"):
         raise ValueError(f"teacher task must be 'semantic' or 'instance', got {task!r}")
-    if task == "semantic" and scores not in _KINDS:
-        raise ValueError(f"semantic teacher {meta_architecture!r}: scores must be one of {_KINDS}, got {scores!r}")
+    if task == "semantic" and scores not in SCORE_KINDS:
+        raise ValueError(f"semantic teacher {meta_architecture!r}: scores must be one of {SCORE_KINDS}, got {scores!r}")
     _TEACHER_OUTPUTS[meta_architecture] = (task, scores if task == "semantic" else None)
 
 
@@ -104,18 +104,6 @@ def teacher_output(cfg):
             "declare it with selftrain_d2.pseudo_labels.register_teacher_output"
         )
     return _TEACHER_OUTPUTS[arch]
-
-
-def scores_to_probabilities(sem_seg, scores):
-    """Class probabilities ``[C, H, W]`` from a model's ``sem_seg`` output of kind ``scores``."""
-    sem_seg = sem_seg.float()
-    if scores == "logits":
-        return sem_seg.softmax(0)
-    if scores == "scores":
-        # MaskFormer: sum over queries of P(class) x mask probability; positive, but not normalised.
-        sem_seg = sem_seg.clamp(min=0)
-        return sem_seg / sem_seg.sum(0, keepdim=True).clamp(min=1e-12)
-    raise ValueError(f"unknown kind of semantic scores {scores!r}; expected one of {_KINDS}")
 
 
 # ---------------------------------------------------------------------------------------------------- input

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..teacher.probabilities import ignore_unconfident
 from ..utils.io import atomic_write
 
 __all__ = [
@@ -143,7 +144,7 @@ def semantic_label_arrays(probs, threshold=0.0, ignore_label=255, confidence=Fal
     _check_label_range(probs.shape[0], ignore_label)
     with _one_cpu_thread(probs.device):
         values, indices = top_classes(probs, max(1, int(top_k)))
-        label = indices[0] if threshold <= 0 else indices[0].masked_fill(values[0] < threshold, ignore_label)
+        label = ignore_unconfident(indices[0], values[0], threshold, ignore_label)
         out = {"label": label}
         if confidence:
             out["confidence"] = quantize_confidence(values[0])
@@ -163,9 +164,7 @@ def hard_label_from_probs(probs, threshold=0.0, ignore_label=255):
         raise ValueError(f"class probabilities must be [C, H, W], got shape {tuple(probs.shape)}")
     _check_label_range(probs.shape[0], ignore_label)
     values, indices = top_classes(probs, 1)
-    label = indices[0].to(torch.uint8)
-    if threshold > 0:
-        label.masked_fill_(values[0] < threshold, ignore_label)
+    label = ignore_unconfident(indices[0].to(torch.uint8), values[0], threshold, ignore_label)
     return label.cpu().numpy(), values[0].float().cpu().numpy()
 
 

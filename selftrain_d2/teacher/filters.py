@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 
 from ..utils.registry import NamedRegistry
+from .probabilities import ignore_unconfident, mask_classification_probabilities
 
 __all__ = [
     "PSEUDO_FILTER_REGISTRY",
@@ -217,11 +218,8 @@ def semantic_pseudo_labels(pred_logits, pred_masks, pad_size, image_size, *, thr
     masks = pred_masks.float()
     if tuple(masks.shape[-2:]) != tuple(pad_size):
         masks = F.interpolate(masks[None], size=pad_size, mode="bilinear", align_corners=False)[0]
-    probs = F.softmax(pred_logits.float(), dim=-1)[:, :-1]
-    scores = torch.einsum("qc,qhw->chw", probs, masks[:, :h, :w].sigmoid())
-    top, labels = scores.max(dim=0)
-    share = top / scores.sum(dim=0).clamp(min=torch.finfo(scores.dtype).tiny)
-    return torch.where(share >= threshold, labels, torch.full_like(labels, ignore_label))
+    share, labels = mask_classification_probabilities(pred_logits, masks[:, :h, :w]).max(dim=0)
+    return ignore_unconfident(labels, share, threshold, ignore_label)
 
 
 class PseudoLabeler:
