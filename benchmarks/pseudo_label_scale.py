@@ -50,8 +50,8 @@ def _child(args):
     import torch
 
     from selftrain_d2.config import load_config
-    from selftrain_d2.pseudo_labels import generate_pseudo_labels
-    from selftrain_d2.pseudo_labels.centroids import build_centroid_index
+    from selftrain_d2.data.centroids import build_centroid_index
+    from selftrain_d2.pseudo_labels import PseudoLabelFolder, generate_pseudo_labels
 
     if args.child_variant == "baseline":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -65,8 +65,7 @@ def _child(args):
     start, cpu = time.perf_counter(), time.process_time()
     report = generate_pseudo_labels(cfg, args.child_folder, args.child_output)
     label_s, label_cpu_s = time.perf_counter() - start, time.process_time() - cpu
-    with open(os.path.join(args.child_output, "dataset.json")) as f:
-        records = json.load(f)
+    records = PseudoLabelFolder(args.child_output).records()
     start = time.perf_counter()
     index = build_centroid_index(records, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, 16)
     index_s = time.perf_counter() - start

@@ -5,6 +5,7 @@ evaluators) with Detectron2's registries.
 """
 from . import data, evaluation, modeling  # noqa: F401  (registration on import)
 from . import distill  # noqa: F401,E402  (KD losses and the Distiller; after modeling)
+from . import pseudo_labels  # noqa: F401,E402  (DATASETS.PSEUDO_LABELS folders)
 from .config import add_selftrain_config
 from .version import __version__
 

@@ -18,7 +18,7 @@ from selftrain_d2.data.samplers import (
     mixed_epoch_plan,
     plan_stream,
 )
-from selftrain_d2.pseudo_labels.centroids import (
+from selftrain_d2.data.centroids import (
     CentroidIndex,
     build_centroid_index,
     load_centroid_index,

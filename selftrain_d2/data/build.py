@@ -17,6 +17,7 @@ import torch.utils.data as torchdata
 from detectron2.data import DatasetCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.utils import comm
 
+from .centroids import CentroidIndex, build_centroid_index, load_centroid_index
 from .crop_schedules import EpochTable
 from .image_io import UnreadableImageError
 from .mappers import build_mapper
@@ -143,8 +144,6 @@ def _per_rank_batch(total, world_size):
 def _centroid_index(cfg, names, records, group, known):
     """The centroid index of datasets ``names`` (whose dicts, concatenated, are ``records``), aligned to
     ``records``: loaded from DATALOADER.CENTROID_SAMPLING.INDEX_FILES, or built here when none is given."""
-    from ..pseudo_labels.centroids import CentroidIndex, build_centroid_index, load_centroid_index
-
     cs = cfg.DATALOADER.CENTROID_SAMPLING
     num_classes, ignore = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE
     files = _index_files(cfg, known)

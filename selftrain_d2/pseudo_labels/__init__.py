@@ -1,12 +1,7 @@
-"""Offline pseudo labels: generation (sharded, resumable), storage formats and test-time augmentation."""
-from .generate import (
-    generate_pseudo_labels,
-    load_pseudo_label_dataset,
-    register_pseudo_label_dataset,
-    register_teacher_output,
-    scores_to_probabilities,
-    teacher_output,
-)
+"""Offline pseudo labels: generation (sharded, resumable), the folder it writes, class balance and test-time
+augmentation. Importing it lets DATASETS.PSEUDO_LABELS register pseudo-label folders."""
+from .folder import PseudoLabelFolder, load_pseudo_label_dataset, register_pseudo_label_dataset
+from .generate import generate_pseudo_labels, register_teacher_output, scores_to_probabilities, teacher_output
 from .storage import (
     hard_label_from_probs,
     load_confidence,
@@ -20,7 +15,7 @@ from .storage import (
 from .tta import multi_scale_flip, sliding_window
 
 __all__ = [
-    "generate_pseudo_labels", "register_pseudo_label_dataset", "load_pseudo_label_dataset",
+    "PseudoLabelFolder", "generate_pseudo_labels", "register_pseudo_label_dataset", "load_pseudo_label_dataset",
     "register_teacher_output", "teacher_output", "scores_to_probabilities",
     "hard_label_from_probs", "write_hard_label", "load_hard_label", "write_confidence", "load_confidence",
     "write_soft_label", "read_soft_label", "soft_label_to_dense", "multi_scale_flip", "sliding_window",

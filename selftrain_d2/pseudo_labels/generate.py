@@ -49,6 +49,7 @@ from ..teacher.frozen import build_frozen_teacher
 from ..teacher.probabilities import SCORE_KINDS, scores_to_probabilities
 from ..utils.io import atomic_write_json, fsync_dir, remove_temporaries
 from . import class_balance, storage
+from .folder import PseudoLabelFolder, load_pseudo_label_dataset, register_pseudo_label_dataset  # noqa: F401
 from .tta import multi_scale_flip, sliding_window
 
 __all__ = [
@@ -160,28 +161,7 @@ def _classes(task, source_meta, cfg):
     return None, [str(i) for i in range(num)]
 
 
-# ---------------------------------------------------------------------------------------------------- layout
-
-class _Layout:
-    def __init__(self, root, settings):
-        self.root = root
-        self.settings = settings
-
-    def files(self, key):
-        """Files an image's labels consist of (all must exist for it to count as finished)."""
-        s, root = self.settings, self.root
-        if s["task"] == "instance":
-            return {"instances": os.path.join(root, "instances", key + ".json")}
-        files = {"label": os.path.join(root, "labels", key + ".png")}
-        if s["save_confidence"]:
-            files["confidence"] = os.path.join(root, "confidence", key + ".png")
-        if s["format"] == "soft":
-            files["soft"] = os.path.join(root, "soft", key + ".npz")
-        return files
-
-    def progress_file(self, rank):
-        return os.path.join(self.root, "progress", f"rank{rank}.jsonl")
-
+# ---------------------------------------------------------------------------------------------------- progress
 
 def _remove_interrupted_writes(root):
     """Remove the temporary files that writes interrupted by a kill left in ``root`` and its subfolders."""
@@ -344,7 +324,7 @@ class _Writer:
 def _check_settings(root, meta):
     """meta.json of an earlier run must have been written with the same settings and source; returns it (or
     None)."""
-    path = os.path.join(root, "meta.json")
+    path = os.path.join(root, PseudoLabelFolder.META)
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -492,7 +472,7 @@ def _class_offsets(cfg, root, keyed, model, scores, num_classes, ignore_label):
     """The per-class offsets of this folder's pseudo labels (see :mod:`.class_balance`): those meta.json holds
     when an earlier run fitted them, else fitted on an evenly spaced sample of the input (each rank predicts
     part of it; every rank fits the same offsets from the gathered pixels) and recorded in meta.json."""
-    path = os.path.join(root, "meta.json")
+    path = os.path.join(root, PseudoLabelFolder.META)
     with open(path) as f:
         meta = json.load(f)
     if "class_balance" in meta:
@@ -598,10 +578,10 @@ def generate_pseudo_labels(cfg, input, output_dir, model=None, teacher_config=No
         removed = _remove_interrupted_writes(root)
         if removed:
             logger.info("Removed %d temporary files left by an interrupted run in %s", len(removed), root)
-        atomic_write_json(os.path.join(root, "meta.json"), meta, indent=2)
+        atomic_write_json(os.path.join(root, PseudoLabelFolder.META), meta, indent=2)
     comm.synchronize()
 
-    layout = _Layout(root, settings)
+    layout = PseudoLabelFolder(root, settings)
     done = _read_progress(root)
     rank, world_size = comm.get_rank(), comm.get_world_size()
     shard = [kr for i, kr in enumerate(keyed) if i % world_size == rank]
@@ -690,7 +670,7 @@ def generate_pseudo_labels(cfg, input, output_dir, model=None, teacher_config=No
     }
     if comm.is_main_process():
         _write_dataset(root, keyed, layout, task, id_map)
-        atomic_write_json(os.path.join(root, "report.json"), report, indent=2)
+        atomic_write_json(os.path.join(root, PseudoLabelFolder.REPORT), report, indent=2)
         print(
             f"Pseudo labels in {root}: {report['images']} images, {report['written']} written, "
             f"{report['already_done']} already done, {len(report['skipped'])} unreadable images skipped"
@@ -731,67 +711,13 @@ def _write_dataset(root, keyed, layout, task, id_map):
                     "score": ann["score"], "iscrowd": 0,
                 })
         dataset.append(entry)
-    atomic_write_json(os.path.join(root, "dataset.json"), dataset)
+    atomic_write_json(os.path.join(root, PseudoLabelFolder.DATASET), dataset)
     if task == "instance":
-        with open(os.path.join(root, "meta.json")) as f:
+        with open(os.path.join(root, PseudoLabelFolder.META)) as f:
             classes = json.load(f)["thing_classes"]
         contiguous_to_dataset = {v: k for k, v in dataset_to_contiguous.items()}
         categories = [{"id": contiguous_to_dataset.get(i, i), "name": name} for i, name in enumerate(classes)]
         atomic_write_json(
-            os.path.join(root, "instances.json"),
+            os.path.join(root, PseudoLabelFolder.INSTANCES),
             {"images": coco_images, "annotations": coco_annotations, "categories": categories},
         )
-
-
-# ---------------------------------------------------------------------------------------------------- registration
-
-def _read_output_json(folder, name):
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"pseudo-label folder {folder} has no {name}; run tools/generate_pseudo_labels.py --output {folder} first"
-        )
-    with open(path) as f:
-        return json.load(f)
-
-
-def load_pseudo_label_dataset(folder):
-    """The dataset dicts of a pseudo-label folder (its dataset.json; instance boxes get their BoxMode)."""
-    records = _read_output_json(folder, "dataset.json")
-    for record in records:
-        for ann in record.get("annotations", ()):
-            ann["bbox_mode"] = BoxMode(ann["bbox_mode"])
-    return records
-
-
-def register_pseudo_label_dataset(name, folder):
-    """Register the output folder of :func:`generate_pseudo_labels` as the training dataset ``name``.
-
-    Semantic labels get ``stuff_classes``, ``ignore_label`` and ``evaluator_type`` "sem_seg"; instance labels
-    ``thing_classes``, the dataset-id mapping and "coco". Registering the same name and folder again does nothing.
-    """
-    from ..data.datasets.register import expand_path, register_once
-
-    folder = expand_path(folder)
-    _read_output_json(folder, "dataset.json")
-    meta = _read_output_json(folder, "meta.json")
-    metadata = {"pseudo_label_dir": folder, "pseudo_label_source": meta.get("source")}
-    if meta.get("task") == "instance":
-        metadata.update(
-            thing_classes=meta["thing_classes"], evaluator_type="coco",
-            json_file=os.path.join(folder, "instances.json"),
-        )
-        if meta.get("thing_dataset_id_to_contiguous_id"):
-            metadata["thing_dataset_id_to_contiguous_id"] = {
-                int(k): int(v) for k, v in meta["thing_dataset_id_to_contiguous_id"].items()
-            }
-        if meta.get("thing_colors"):
-            metadata["thing_colors"] = meta["thing_colors"]
-    else:
-        metadata.update(
-            stuff_classes=meta["stuff_classes"], ignore_label=meta.get("ignore_label", 255), evaluator_type="sem_seg"
-        )
-        if meta.get("stuff_colors"):
-            metadata["stuff_colors"] = meta["stuff_colors"]
-    register_once([(name, ("pseudo_labels", folder), lambda: load_pseudo_label_dataset(folder), metadata)])
-    return name

@@ -20,6 +20,7 @@ import os
 import numpy as np
 
 from ..evaluation.label_statistics import dataset_pixel_counts, heldout_label_file, pseudo_label_quality
+from ..pseudo_labels.folder import PseudoLabelFolder
 from ..utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 __all__ = ["write_report", "metrics_table", "label_figure", "never_predicted"]
@@ -258,14 +259,10 @@ def _pseudo_label_sections(ctx, folder):
 
     lines, quality, counts, warnings = [], {}, {}, []
     for name, result in ctx.results.items():
-        dataset_json = os.path.join(result.get("dir", ""), "dataset.json")
-        meta_json = os.path.join(result.get("dir", ""), "meta.json")
-        if "report" not in result or not os.path.isfile(dataset_json) or not os.path.isfile(meta_json):
+        labels = PseudoLabelFolder(result.get("dir", ""))
+        if "report" not in result or not labels.exists():
             continue
-        with open(dataset_json) as f:
-            records = json.load(f)
-        with open(meta_json) as f:
-            meta = json.load(f)
+        records, meta = labels.records(), labels.meta()
         classes = meta.get("stuff_classes")
         if not classes:
             continue

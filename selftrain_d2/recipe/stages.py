@@ -24,6 +24,7 @@ import subprocess
 import sys
 
 from ..orchestration.commands import command, command_env, resolve_path
+from ..pseudo_labels.folder import PseudoLabelFolder
 from ..utils.registry import NamedRegistry
 from ..utils.safe_load import weights_file_problem
 from .spec import RecipeError
@@ -346,7 +347,7 @@ class PseudoLabelStage(Stage):
             "dir": out_dir,
             "dataset": f"recipe_{self.spec.name}",
             "input": self._input(),
-            "report": _read_json(os.path.join(out_dir, "report.json")),
+            "report": PseudoLabelFolder(out_dir).report(),
         }
 
 
@@ -368,15 +369,15 @@ class CentroidIndexStage(Stage):
         return {"min_area": self._min_area()}
 
     def run(self, out_dir, resume):
-        from ..pseudo_labels.centroids import build_centroid_index, save_centroid_index
+        from ..data.centroids import build_centroid_index, save_centroid_index
 
-        labels_dir = self.ctx.result(self.options["labels"], "dir")
-        records = _read_json(os.path.join(labels_dir, "dataset.json"))
-        meta = _read_json(os.path.join(labels_dir, "meta.json")) or {}
-        if records is None or "stuff_classes" not in meta:
-            raise RecipeError(f"{labels_dir} has no dataset.json / meta.json with stuff_classes: not semantic pseudo labels")
+        folder = PseudoLabelFolder(self.ctx.result(self.options["labels"], "dir"))
+        meta = folder.meta() if folder.exists() else {}
+        if "stuff_classes" not in meta:
+            raise RecipeError(f"{folder.root} has no dataset.json / meta.json with stuff_classes: not semantic pseudo "
+                              "labels")
         index = build_centroid_index(
-            records, len(meta["stuff_classes"]), self._min_area(), ignore_label=meta.get("ignore_label", 255)
+            folder.records(), len(meta["stuff_classes"]), self._min_area(), ignore_label=meta.get("ignore_label", 255)
         )
         save_centroid_index(index, os.path.join(out_dir, "centroids.npz"))
 

@@ -21,6 +21,7 @@ __all__ = [
     "is_path_like",
     "register_from_cfg",
     "register_once",
+    "register_dataset_kind",
     "register_once_by",
     "resolve_entry_paths",
 ]
@@ -210,6 +211,24 @@ def _check_ignore_label(cfg, entry, index):
         )
 
 
+# DATASETS keys whose entries a layer above this one registers: "PSEUDO_LABELS" (pseudo-label folders, by
+# selftrain_d2.pseudo_labels, which the package imports).
+_KIND_REGISTRARS = {}
+
+
+def register_dataset_kind(key, register):
+    """Let ``register(*entry)`` register the entries of ``cfg.DATASETS.<key>`` (for a layer above the data
+    layer, such as the pseudo-label folders, which this module must not import)."""
+    _KIND_REGISTRARS[key] = register
+
+
+def _kind_registrar(key):
+    if key not in _KIND_REGISTRARS:
+        raise RuntimeError(f"cfg.DATASETS.{key}: no registrar for these datasets; import selftrain_d2 (the package "
+                           "registers them on import)")
+    return _KIND_REGISTRARS[key]
+
+
 def register_from_cfg(cfg):
     """Import ``cfg.SELFTRAIN.IMPORTS``, then register every dataset of the ``cfg.DATASETS`` keys of
     :data:`DATASET_KEYS` (in the order of the module docstring); returns their names.
@@ -235,11 +254,8 @@ def register_from_cfg(cfg):
     for i, entry in enumerate(entries["SEM_SEG"]):
         names.append(register_sem_seg_folder(*entry, where=f"cfg.DATASETS.SEM_SEG[{i}]"))
         _check_ignore_label(cfg, entry, i)
-    if entries["PSEUDO_LABELS"]:
-        from ...pseudo_labels.generate import register_pseudo_label_dataset
-
-        for name, folder in entries["PSEUDO_LABELS"]:
-            names.append(register_pseudo_label_dataset(name, folder))
+    for name, folder in entries["PSEUDO_LABELS"]:
+        names.append(_kind_registrar("PSEUDO_LABELS")(name, folder))
     for entry in entries["SEM_SEG_FROM_COCO"]:
         names.append(register_sem_seg_from_coco(*entry))
     for new_name, base_name, split_file in entries["SPLITS"]:

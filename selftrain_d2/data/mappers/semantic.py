@@ -4,7 +4,7 @@ A dataset dict with ``crop_center`` (y, x), in the original image's pixels (set 
 ``selftrain_d2.data.samplers``), is cropped around that point instead of at random.
 
 A training dict with ``use_soft_label`` True (set by the training loader for DATASETS.TRAIN_PSEUDO_SOFT) reads
-its ``soft_label_file_name`` (the teacher's top-k class probabilities, ``selftrain_d2.pseudo_labels.storage``) and
+its ``soft_label_file_name`` (the teacher's top-k class probabilities, ``selftrain_d2.data.label_files``) and
 also gives ``sem_seg_soft_classes`` / ``sem_seg_soft_probs`` ``[k, H, W]``,
 taken from the same source pixels as the label map: the map of each pixel's source index goes through every
 transform as a label map does (nearest resize, crop, flip), so the soft label follows the hard one exactly. Its
@@ -22,6 +22,7 @@ from detectron2.data import detection_utils as d2_utils
 from detectron2.data import transforms as T
 
 from ..image_io import DecodeCache, read_image, read_sem_seg
+from ..label_files import read_soft_label
 from . import MAPPER_REGISTRY
 
 __all__ = [
@@ -264,8 +265,6 @@ class SemanticMapper:
         }
 
     def _read_soft(self, record, image_shape):
-        from ...pseudo_labels.storage import read_soft_label  # the one reader of the format (a layer above)
-
         path = record["soft_label_file_name"]
         soft = read_soft_label(path)
         if soft["indices"].shape[1:] != image_shape or soft["num_classes"] != self.num_classes:

@@ -12,8 +12,8 @@ import zipfile
 import cv2
 import numpy as np
 
-from ..data.image_io import UnreadableImageError, read_sem_seg
 from ..utils.io import atomic_write
+from .image_io import UnreadableImageError, read_sem_seg
 
 __all__ = [
     "CentroidIndex",
