@@ -21,7 +21,7 @@ from selftrain_d2.data.image_io import LabelValueError, UnreadableImageError, re
 from selftrain_d2.evaluation import build_evaluator
 from selftrain_d2.modeling import build_model
 from selftrain_d2.pseudo_labels import generate_pseudo_labels, register_teacher_output
-from selftrain_d2.recipe.spec import RecipeError, load_recipe
+from selftrain_d2.orchestration.recipe.spec import RecipeError, load_recipe
 
 from .conftest import DEMO_CONFIG, ROOT
 

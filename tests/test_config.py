@@ -9,7 +9,7 @@ import selftrain_d2  # noqa: F401  (registers everything)
 from selftrain_d2.config import get_selftrain_cfg, load_config
 from selftrain_d2.data import MAPPER_REGISTRY
 from selftrain_d2.evaluation import EVALUATOR_BUILDERS
-from selftrain_d2.recipe import load_recipe
+from selftrain_d2.orchestration.recipe import load_recipe
 
 from .conftest import DEMO_CONFIG, ROOT
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from selftrain_d2.recipe import RecipeError, parse_recipe, run_recipe
-from selftrain_d2.recipe import stages as stages_module
+from selftrain_d2.orchestration.recipe import RecipeError, parse_recipe, run_recipe
+from selftrain_d2.orchestration.recipe import stages as stages_module
 
 try:
     from selftrain_d2.utils.safe_load import UnsafeWeightsError
@@ -264,7 +264,7 @@ def test_a_stage_is_done_only_when_its_final_weights_load(tmp_path, monkeypatch)
 SLEEPER_RECIPE = """\
 import os, sys
 sys.path.insert(0, {root!r})
-from selftrain_d2.recipe import STAGE_REGISTRY, Stage, parse_recipe, run_recipe, runner, stages
+from selftrain_d2.orchestration.recipe import STAGE_REGISTRY, Stage, parse_recipe, run_recipe, runner, stages
 
 runner.ORPHAN_WAIT_S = float(os.environ["ORPHAN_WAIT_S"])
 CHILD = '''

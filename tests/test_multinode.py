@@ -14,7 +14,7 @@ from PIL import Image
 from selftrain_d2.engine import default_argument_parser, launch_from_args
 from selftrain_d2.engine import launch as launch_module
 from selftrain_d2.engine.launch import LaunchError
-from selftrain_d2.recipe import STAGE_REGISTRY, RecipeContext, RecipeError, Stage, parse_recipe, run_recipe
+from selftrain_d2.orchestration.recipe import STAGE_REGISTRY, RecipeContext, RecipeError, Stage, parse_recipe, run_recipe
 
 from .conftest import DEMO_CONFIG, FAST_TRAIN_OPTS, ROOT
 
@@ -235,6 +235,7 @@ class FakeTraining(Stage):
 
     REQUIRED = ("value",)
     OPTIONAL = ("model",)
+    REFS = ("model",)
     DISTRIBUTED = True
 
     def fingerprint(self):
@@ -327,7 +328,7 @@ def test_recipe_machine_without_rank_0_records_says_the_folder_must_be_shared(tm
 
 
 def test_recipe_stages_pass_the_launch_options_to_every_command(tmp_path, monkeypatch):
-    from selftrain_d2.recipe import stages
+    from selftrain_d2.orchestration.recipe import stages
 
     commands = []
     monkeypatch.setattr(stages, "_run", lambda cmd, what: commands.append([str(c) for c in cmd]))

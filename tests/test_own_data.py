@@ -22,8 +22,8 @@ from selftrain_d2.data.datasets.coco import rasterise_annotations
 from selftrain_d2.data.datasets.heldout import heldout_labels
 from selftrain_d2.data.datasets.splits import register_split, split_keys, write_split_file
 from selftrain_d2.evaluation.label_statistics import log_training_set, pseudo_label_quality
-from selftrain_d2.recipe import RecipeError, parse_recipe
-from selftrain_d2.recipe.report import label_figure, never_predicted
+from selftrain_d2.orchestration.recipe import RecipeError, parse_recipe
+from selftrain_d2.orchestration.recipe.report import label_figure, never_predicted
 
 from .conftest import DEMO_CONFIG, FAST_TRAIN_OPTS, ROOT
 
@@ -370,7 +370,7 @@ def test_never_predicted_reads_the_evaluator_predictions(tmp_path, new_name):
 
     from types import SimpleNamespace
 
-    from selftrain_d2.recipe.report import _evaluation_warnings
+    from selftrain_d2.orchestration.recipe.report import _evaluation_warnings
 
     ctx = SimpleNamespace(results={"teacher": {"dir": str(tmp_path)}, "gd": {"dir": str(tmp_path / "none")}})
     summary = {"teacher": {"sem_seg": {"IoU-house": 0.0}}, "gd": {"segm": {"AP": 3.0, "AP-car": 0.0, "AP-bus": 5.0}}}

@@ -10,8 +10,8 @@ from selftrain_d2.evaluation.label_statistics import (
     confusion_matrix,
     quality_from_confusion,
 )
-from selftrain_d2.recipe import STAGE_REGISTRY, RecipeError, Stage, parse_recipe, run_recipe
-from selftrain_d2.recipe.report import metrics_table
+from selftrain_d2.orchestration.recipe import STAGE_REGISTRY, RecipeError, Stage, parse_recipe, run_recipe
+from selftrain_d2.orchestration.recipe.report import metrics_table
 
 RUNS = []  # (stage name, resume) of every FakeStage.run call
 
@@ -26,6 +26,7 @@ class FakeStage(Stage):
 
     REQUIRED = ("value",)
     OPTIONAL = ("model", "fail")
+    REFS = ("model",)
 
     def fingerprint(self):
         return {"value": self.options["value"]}
@@ -156,7 +157,7 @@ def test_self_training_recipe_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     second run starts no subprocess."""
     from detectron2.data import DatasetCatalog
 
-    from selftrain_d2.recipe import stages
+    from selftrain_d2.orchestration.recipe import stages
 
     from .conftest import DEMO_CONFIG, FAST_TRAIN_OPTS
 
@@ -196,7 +197,7 @@ def test_self_training_recipe_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
 
 
 def test_stage_hash_depends_on_settings_not_on_unrelated_defaults(monkeypatch):
-    from selftrain_d2.recipe.stages import config_delta
+    from selftrain_d2.orchestration.recipe.stages import config_delta
 
     from .conftest import DEMO_CONFIG
 
@@ -207,7 +208,7 @@ def test_stage_hash_depends_on_settings_not_on_unrelated_defaults(monkeypatch):
 
 
 def test_a_second_run_on_the_same_output_is_refused(tmp_path):
-    from selftrain_d2.recipe.runner import output_lock
+    from selftrain_d2.orchestration.recipe.runner import output_lock
 
     with output_lock(str(tmp_path)):
         with pytest.raises(RecipeError, match="another recipe run is using"):

@@ -323,8 +323,8 @@ def test_semi_supervised_configs_cover_the_paper_settings_and_merge():
 
 
 def test_recipe_train_stage_passes_the_teacher_weights(tmp_path):
-    from selftrain_d2.recipe import load_recipe
-    from selftrain_d2.recipe.stages import STAGE_REGISTRY, RecipeContext
+    from selftrain_d2.orchestration.recipe import load_recipe
+    from selftrain_d2.orchestration.recipe.stages import STAGE_REGISTRY, RecipeContext
 
     recipe = load_recipe(os.path.join(ROOT, "configs", "demo", "guided-distillation.yaml"))
     assert [s.name for s in recipe.stages] == ["teacher", "student", "ema_teacher"]

@@ -225,8 +225,8 @@ def test_every_per_pixel_model_trains_on_soft_labels(arch):
 
 
 def test_recipe_student_trains_on_the_named_stages_soft_labels(tmp_path):
-    from selftrain_d2.recipe import RecipeError, parse_recipe
-    from selftrain_d2.recipe.stages import STAGE_REGISTRY, RecipeContext
+    from selftrain_d2.orchestration.recipe import RecipeError, parse_recipe
+    from selftrain_d2.orchestration.recipe.stages import STAGE_REGISTRY, RecipeContext
 
     def recipe(**student):
         stages = {

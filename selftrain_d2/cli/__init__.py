@@ -6,6 +6,8 @@ takes ``--version``.
 """
 import sys
 
+from selftrain_d2.version import add_version_argument, version_string  # noqa: F401 (re-exported)
+
 __all__ = ["COMMANDS", "add_version_argument", "launch_command", "version_string"]
 
 # console script -> module of this package (setup.py reads this dict from this file's text)
@@ -18,30 +20,6 @@ COMMANDS = {
     "selftrain-metrics": "show_metrics",
     "selftrain-teacher-entropy": "teacher_entropy",
 }
-
-
-def version_string():
-    """``selftrain-d2 X (torch Y, detectron2 Z)``, reading only installed metadata (nothing is imported)."""
-    from importlib import metadata
-
-    def version(dist):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    from selftrain_d2.version import __version__
-
-    detectron2 = version("sal-detectron2")
-    if detectron2 == "not installed":
-        detectron2 = version("detectron2")
-    return f"selftrain-d2 {__version__} (torch {version('torch')}, detectron2 {detectron2})"
-
-
-def add_version_argument(parser):
-    """``--version``: print :func:`version_string` and exit."""
-    parser.add_argument("--version", action="version", version=version_string(), help="print the versions and exit")
-    return parser
 
 
 def launch_command(name, run, args):

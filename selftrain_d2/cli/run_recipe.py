@@ -23,7 +23,7 @@ import sys
 from detectron2.utils.logger import setup_logger
 
 from selftrain_d2.cli import add_version_argument
-from selftrain_d2.recipe import RecipeError, load_recipe, run_recipe
+from selftrain_d2.orchestration.recipe import RecipeError, load_recipe, run_recipe
 
 
 def main(argv=None):

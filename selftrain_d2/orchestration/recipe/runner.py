@@ -29,8 +29,8 @@ import os
 import re
 import time
 
-from ..utils.io import atomic_write_json, fsync_dir, pid_alive
-from .spec import RecipeError
+from ...utils.io import atomic_write_json, fsync_dir, pid_alive
+from .errors import RecipeError
 from .stages import OUTPUT_LOCK, STAGE_REGISTRY, RecipeContext
 
 __all__ = ["run_recipe", "stage_hash"]
@@ -124,7 +124,7 @@ def run_recipe(recipe, output_dir, opts=(), num_gpus=1, python=None, report=True
 
     ``num_gpus``, ``num_machines``, ``machine_rank`` and ``dist_url`` go to every training and labelling
     command; with ``num_machines > 1`` every machine calls this with its rank (see the module docstring)."""
-    from ..engine.launch import LaunchError, check_dist_options
+    from ...engine.launch import LaunchError, check_dist_options
 
     try:
         check_dist_options(num_machines, machine_rank, dist_url)

@@ -23,11 +23,11 @@ import signal
 import subprocess
 import sys
 
-from ..orchestration.commands import command, command_env, resolve_path
-from ..pseudo_labels.folder import PseudoLabelFolder
-from ..utils.registry import NamedRegistry
-from ..utils.safe_load import weights_file_problem
-from .spec import RecipeError
+from ..commands import command, command_env, resolve_path
+from ...pseudo_labels.folder import PseudoLabelFolder
+from ...utils.registry import NamedRegistry
+from ...utils.safe_load import weights_file_problem
+from .errors import RecipeError
 
 __all__ = ["OUTPUT_LOCK", "STAGE_REGISTRY", "RecipeContext", "Stage"]
 
@@ -137,10 +137,12 @@ def _opts_as_strings(opts, where):
 
 
 class Stage:
-    """Base class; subclasses declare ``REQUIRED`` and ``OPTIONAL`` option names."""
+    """Base class; subclasses declare ``REQUIRED`` and ``OPTIONAL`` option names, and in ``REFS`` those of
+    them whose values name earlier stages (one name or a list)."""
 
     REQUIRED = ()
     OPTIONAL = ()
+    REFS = ()
     DISTRIBUTED = False  # True: run() launches a command that every machine of the recipe runs together
 
     def __init__(self, spec, ctx):
@@ -167,10 +169,8 @@ class Stage:
         return _opts_as_strings(list(self.options.get("opts", [])), f"stage {self.spec.name!r}")
 
     def dependencies(self):
-        from .spec import _REF_KEYS
-
         deps = []
-        for key in _REF_KEYS:
+        for key in self.REFS:
             deps.extend(_as_list(self.options.get(key)))
         return deps
 
@@ -195,7 +195,7 @@ def config_delta(config_file, opts):
     What a stage's hash is built from: keys added to the package later (with defaults that keep old behaviour)
     do not invalidate finished stages. A changed default does not either; rerun such stages by hand
     (delete their folder)."""
-    from ..config import get_selftrain_cfg, load_config
+    from ...config import get_selftrain_cfg, load_config
 
     def flat(node, prefix=""):
         out = {}
@@ -217,6 +217,7 @@ class TrainStage(Stage):
 
     REQUIRED = ("config",)
     OPTIONAL = ("opts", "init", "pseudo_labels", "soft_labels", "centroids", "class_transfer_from", "teacher")
+    REFS = ("init", "pseudo_labels", "soft_labels", "centroids", "class_transfer_from", "teacher")
 
     @classmethod
     def check_options(cls, name, options, where):
@@ -285,8 +286,8 @@ def _training_classes(config_file):
     """Class names of the first training dataset of a config (stuff classes, else thing classes)."""
     from detectron2.data import MetadataCatalog
 
-    from ..config import load_config
-    from ..data.datasets import register_from_cfg
+    from ...config import load_config
+    from ...data.datasets import register_from_cfg
 
     cfg = load_config(config_file, [])
     register_from_cfg(cfg)
@@ -303,6 +304,7 @@ class EvaluateStage(Stage):
 
     REQUIRED = ("model", "datasets")
     OPTIONAL = ("opts",)
+    REFS = ("model",)
     DISTRIBUTED = True
 
     def fingerprint(self):
@@ -326,6 +328,7 @@ class PseudoLabelStage(Stage):
 
     REQUIRED = ("model", "input")
     OPTIONAL = ("opts",)
+    REFS = ("model",)
     DISTRIBUTED = True
 
     def _input(self):
@@ -357,11 +360,12 @@ class CentroidIndexStage(Stage):
 
     REQUIRED = ("labels",)
     OPTIONAL = ("min_area",)
+    REFS = ("labels",)
 
     def _min_area(self):
         if "min_area" in self.options:
             return int(self.options["min_area"])
-        from ..config import get_selftrain_cfg
+        from ...config import get_selftrain_cfg
 
         return int(get_selftrain_cfg().DATALOADER.CENTROID_SAMPLING.MIN_AREA)
 
@@ -369,7 +373,7 @@ class CentroidIndexStage(Stage):
         return {"min_area": self._min_area()}
 
     def run(self, out_dir, resume):
-        from ..data.centroids import build_centroid_index, save_centroid_index
+        from ...data.centroids import build_centroid_index, save_centroid_index
 
         folder = PseudoLabelFolder(self.ctx.result(self.options["labels"], "dir"))
         meta = folder.meta() if folder.exists() else {}

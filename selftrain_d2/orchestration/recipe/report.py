@@ -19,9 +19,9 @@ import os
 
 import numpy as np
 
-from ..evaluation.label_statistics import dataset_pixel_counts, heldout_label_file, pseudo_label_quality
-from ..pseudo_labels.folder import PseudoLabelFolder
-from ..utils.io import atomic_write, atomic_write_json, atomic_write_text
+from ...evaluation.label_statistics import dataset_pixel_counts, heldout_label_file, pseudo_label_quality
+from ...pseudo_labels.folder import PseudoLabelFolder
+from ...utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 __all__ = ["write_report", "metrics_table", "label_figure", "never_predicted"]
 
@@ -169,7 +169,7 @@ def label_figure(image, panels, classes, colors, ignore_label, path, title=None)
 
 
 def _pseudo_figures(records, meta, heldout, heldout_classes, heldout_ignore, folder, stage):
-    from ..data.image_io import read_image, read_sem_seg
+    from ...data.image_io import read_image, read_sem_seg
 
     written = []
     ignore = meta.get("ignore_label", 255)
@@ -197,8 +197,8 @@ def _pseudo_figures(records, meta, heldout, heldout_classes, heldout_ignore, fol
 
 def _register_datasets(ctx):
     """Make the datasets of the recipe's block and of every training stage's config known in this process."""
-    from ..config import load_config
-    from ..data.datasets import register_from_cfg
+    from ...config import load_config
+    from ...data.datasets import register_from_cfg
 
     configs = [None] + [r.get("config") for r in ctx.results.values() if r.get("config")]
     for config in configs:
@@ -255,7 +255,7 @@ def _evaluation_warnings(ctx, summary):
 def _pseudo_label_sections(ctx, folder):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from ..data.datasets.heldout import heldout_labels
+    from ...data.datasets.heldout import heldout_labels
 
     lines, quality, counts, warnings = [], {}, {}, []
     for name, result in ctx.results.items():
@@ -315,8 +315,8 @@ def _real_counts(ctx, pseudo_stage, num_classes, ignore):
     """Pixel counts of the real training labels of the stage whose model wrote the pseudo labels."""
     from detectron2.data import DatasetCatalog
 
-    from ..config import load_config
-    from ..data.datasets import register_from_cfg
+    from ...config import load_config
+    from ...data.datasets import register_from_cfg
 
     model_stage = ctx.recipe.stage(pseudo_stage).options.get("model")
     config = ctx.results.get(model_stage, {}).get("config")

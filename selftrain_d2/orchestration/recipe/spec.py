@@ -33,13 +33,11 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from ..utils.safe_yaml import DuplicateKeyError, UnsafeYAMLError, load_yaml_file
+from ...utils.safe_yaml import DuplicateKeyError, UnsafeYAMLError, load_yaml_file
+from .errors import RecipeError
+from .stages import STAGE_REGISTRY
 
 __all__ = ["RecipeError", "StageSpec", "Recipe", "load_recipe", "parse_recipe"]
-
-
-class RecipeError(ValueError):
-    """A recipe file that cannot run as written; the message names the file, stage and key."""
 
 
 @dataclass
@@ -68,7 +66,7 @@ class Recipe:
         ``config_file`` with ``opts`` (entries it has already are not repeated)."""
         if not self.datasets and not self.imports:
             return []
-        from ..config import load_config
+        from ...config import load_config
 
         cfg = load_config(config_file, list(opts))
         out = []
@@ -127,7 +125,7 @@ def _expand_loops(stages, raw, where):
 
         for name in body:
             options = copy.deepcopy(by_name[name])
-            for key in _REF_KEYS:
+            for key in _ref_keys(options):
                 if key in options:
                     value = options[key]
                     options[key] = [rename(v) for v in value] if isinstance(value, list) else rename(value)
@@ -135,8 +133,10 @@ def _expand_loops(stages, raw, where):
     return expanded
 
 
-# Stage options whose values name other stages.
-_REF_KEYS = ("model", "labels", "init", "pseudo_labels", "soft_labels", "centroids", "class_transfer_from", "teacher")
+def _ref_keys(options):
+    """The options of a stage (of a registered type) whose values name earlier stages: its type's ``REFS``."""
+    stage_type = options.get("type")
+    return STAGE_REGISTRY.get(stage_type).REFS if stage_type in STAGE_REGISTRY else ()
 
 
 def _first_model_ref(body, by_name):
@@ -170,8 +170,6 @@ def parse_recipe(raw, path="<recipe>"):
     if repeated:
         raise RecipeError(f"{where}: more than one stage is named {repeated}")
 
-    from .stages import STAGE_REGISTRY  # the stage types validate their own options
-
     seen = []
     specs = []
     for name, options in pairs:
@@ -180,7 +178,7 @@ def parse_recipe(raw, path="<recipe>"):
             raise RecipeError(
                 f"{where}: stage {name!r} has unknown type {stage_type!r}; registered: {sorted(STAGE_REGISTRY)}"
             )
-        for key in _REF_KEYS:
+        for key in STAGE_REGISTRY.get(stage_type).REFS:
             refs = options.get(key)
             for ref in refs if isinstance(refs, list) else [refs]:
                 if ref is not None and ref not in seen:
@@ -197,7 +195,7 @@ def parse_recipe(raw, path="<recipe>"):
 def _parse_data(raw, path):
     """The recipe's ``datasets`` (checked like the config keys, paths made absolute from the recipe's folder)
     and ``imports``."""
-    from ..data.datasets.register import DATASET_KEYS, check_entries, resolve_entry_paths
+    from ...data.datasets.register import DATASET_KEYS, check_entries, resolve_entry_paths
 
     base = os.path.dirname(os.path.abspath(path)) if path and not path.startswith("<") else os.getcwd()
     block, data_base, where = raw.get("datasets") or {}, base, f"{path}: datasets"
