@@ -9,7 +9,7 @@ from PIL import Image
 
 from selftrain_d2.pseudo_labels import class_balance, generate_pseudo_labels, load_hard_label
 
-from .test_pseudo_labels import _cfg, _colour_probs, _ColourTeacher, images  # noqa: F401 (fixture)
+from .helpers import ColourTeacher, colour_probs, pseudo_label_cfg
 
 
 def _under_predicting_teacher(n=30000, seed=0):
@@ -71,14 +71,14 @@ def _label_shares(out, keys):
     return np.bincount(labels, minlength=3) / labels.size
 
 
-def test_generator_balances_and_resumes_with_the_same_offsets(tmp_path, images, monkeypatch):  # noqa: F811
+def test_generator_balances_and_resumes_with_the_same_offsets(tmp_path, images, monkeypatch):
     folder, arrays = images
     out = tmp_path / "out"
-    cfg = _cfg("_ColourTeacher", "PSEUDO_LABELS.CLASS_BALANCE.ENABLED", "True",
+    cfg = pseudo_label_cfg("ColourTeacher", "PSEUDO_LABELS.CLASS_BALANCE.ENABLED", "True",
                "PSEUDO_LABELS.CLASS_BALANCE.SHARES", "[0.2, 0.2, 0.6]", "PSEUDO_LABELS.CLASS_BALANCE.SAMPLE_PIXELS", "60")
     plain = _label_shares_of(arrays, np.zeros(3))
     assert plain[2] < 0.5
-    report = generate_pseudo_labels(cfg, str(folder), out, model=_ColourTeacher())
+    report = generate_pseudo_labels(cfg, str(folder), out, model=ColourTeacher())
     assert report["written"] == 5
     balance = json.loads((out / "meta.json").read_text())["class_balance"]
     offsets = np.asarray(balance["offsets"])
@@ -88,42 +88,42 @@ def test_generator_balances_and_resumes_with_the_same_offsets(tmp_path, images, 
     np.testing.assert_allclose(_label_shares(out, arrays), balance["balanced_shares"], atol=1e-12)
     np.testing.assert_allclose(balance["balanced_shares"], [0.2, 0.2, 0.6], rtol=0.1)
     for key, arr in arrays.items():  # the label is the argmax of p * exp(offsets)
-        expected = (_colour_probs(arr) * np.exp(offsets)[:, None, None]).argmax(0)
+        expected = (colour_probs(arr) * np.exp(offsets)[:, None, None]).argmax(0)
         np.testing.assert_array_equal(load_hard_label(out / "labels" / f"{key}.png"), expected)
 
     # a rerun after deleting labels refits nothing: the offsets come from meta.json
     (out / "labels" / "img1.png").unlink()
     monkeypatch.setattr(class_balance, "fit_class_offsets", lambda *a, **k: pytest.fail("offsets refitted"))
-    assert generate_pseudo_labels(cfg, str(folder), out, model=_ColourTeacher())["written"] == 1
+    assert generate_pseudo_labels(cfg, str(folder), out, model=ColourTeacher())["written"] == 1
     np.testing.assert_allclose(_label_shares(out, arrays), balance["balanced_shares"], atol=1e-12)
     # other class-balance settings are another folder
     cfg.PSEUDO_LABELS.CLASS_BALANCE.SAMPLE_PIXELS = 30
     with pytest.raises(ValueError, match="settings"):
-        generate_pseudo_labels(cfg, str(folder), out, model=_ColourTeacher())
+        generate_pseudo_labels(cfg, str(folder), out, model=ColourTeacher())
 
 
 def _label_shares_of(arrays, offsets):
-    labels = np.concatenate([(_colour_probs(a) * np.exp(offsets)[:, None, None]).argmax(0).ravel()
+    labels = np.concatenate([(colour_probs(a) * np.exp(offsets)[:, None, None]).argmax(0).ravel()
                              for a in arrays.values()])
     return np.bincount(labels, minlength=3) / labels.size
 
 
-def test_generator_targets_the_teachers_training_labels(tmp_path, images, new_name):  # noqa: F811
+def test_generator_targets_the_teachers_training_labels(tmp_path, images, new_name):
     folder, arrays = images
     labelled = new_name("labelled")
     label = np.array([[0, 1, 2, 2, 255]], np.uint8)  # shares 1/4, 1/4, 1/2
     Image.fromarray(label).save(tmp_path / "l.png")
     DatasetCatalog.register(labelled, lambda: [{"file_name": "x.png", "sem_seg_file_name": str(tmp_path / "l.png")}])
     MetadataCatalog.get(labelled).set(stuff_classes=["r", "g", "b"])
-    cfg = _cfg("_ColourTeacher", "PSEUDO_LABELS.CLASS_BALANCE.ENABLED", "True", "DATASETS.TRAIN", f"('{labelled}',)")
-    generate_pseudo_labels(cfg, str(folder), tmp_path / "out", model=_ColourTeacher())
+    cfg = pseudo_label_cfg("ColourTeacher", "PSEUDO_LABELS.CLASS_BALANCE.ENABLED", "True", "DATASETS.TRAIN", f"('{labelled}',)")
+    generate_pseudo_labels(cfg, str(folder), tmp_path / "out", model=ColourTeacher())
     balance = json.loads((tmp_path / "out" / "meta.json").read_text())["class_balance"]
     np.testing.assert_allclose(balance["target_shares"], [0.25, 0.25, 0.5])
     np.testing.assert_allclose(balance["balanced_shares"], [0.25, 0.25, 0.5], rtol=0.1)
 
 
-def test_class_balance_refused_for_instance_teachers(tmp_path, images):  # noqa: F811
+def test_class_balance_refused_for_instance_teachers(tmp_path, images):
     folder, _ = images
-    cfg = _cfg("_BoxTeacher", "PSEUDO_LABELS.CLASS_BALANCE.ENABLED", "True")
+    cfg = pseudo_label_cfg("BoxTeacher", "PSEUDO_LABELS.CLASS_BALANCE.ENABLED", "True")
     with pytest.raises(ValueError, match="CLASS_BALANCE apply to semantic teachers only"):
         generate_pseudo_labels(cfg, str(folder), tmp_path / "out")

@@ -216,7 +216,7 @@ def test_resume_mid_schedule_repeats_the_uninterrupted_run(fast_cfg, tmp_path):
 
     from selftrain_d2.engine import Trainer
 
-    from .test_training import _assert_same_state, _Killed, _KillAfter, _state
+    from .helpers import Killed, KillAfter, assert_same_state, trainer_state
 
     opts = ["DATASETS.TEST", "()", "MODEL.SEM_SEG_HEAD.NAME", "DeepLabV3PlusGlobalPoolHead",
             "INPUT.CROP_SCHEDULE.ENABLED", "True", "INPUT.CROP_SCHEDULE.SCALES", "[0.5, 1.0]",
@@ -225,14 +225,14 @@ def test_resume_mid_schedule_repeats_the_uninterrupted_run(fast_cfg, tmp_path):
     uninterrupted = Trainer(fast_cfg(*opts, "OUTPUT_DIR", str(tmp_path / "a")))
     uninterrupted.resume_or_load(resume=False)
     uninterrupted.train()
-    reference = _state(uninterrupted)
+    reference = trainer_state(uninterrupted)
     assert reference["iter"] == 13
 
     cfg = fast_cfg(*opts, "OUTPUT_DIR", str(tmp_path / "b"))
     killed = Trainer(cfg)
-    killed.register_hooks([_KillAfter(12)])  # dies in the second epoch (crop 64x128, batch 8)
+    killed.register_hooks([KillAfter(12)])  # dies in the second epoch (crop 64x128, batch 8)
     killed.resume_or_load(resume=False)
-    with _pytest.raises(_Killed):
+    with _pytest.raises(Killed):
         killed.train()
     resumed = Trainer(cfg)
     resumed.resume_or_load(resume=True)
@@ -242,4 +242,4 @@ def test_resume_mid_schedule_repeats_the_uninterrupted_run(fast_cfg, tmp_path):
     batch = next(iter(resumed.data_loader))
     assert len(batch) == 8 and tuple(batch[0]["image"].shape[-2:]) == (64, 128)
     resumed.train()
-    _assert_same_state(_state(resumed), reference)
+    assert_same_state(trainer_state(resumed), reference)

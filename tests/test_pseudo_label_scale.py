@@ -17,7 +17,7 @@ from PIL import Image
 
 from selftrain_d2.pseudo_labels import generate_pseudo_labels, read_soft_label, storage, write_soft_label
 from selftrain_d2.pseudo_labels.generate import instance_predictions
-from tests.test_pseudo_labels import _BoxTeacher, _cfg, _ColourTeacher, _colour_probs
+from .helpers import BoxTeacher, ColourTeacher, colour_probs, pseudo_label_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,9 +86,9 @@ def test_hard_label_files_are_byte_identical_to_the_host_computation(tmp_path):
         image = rng.integers(0, 256, size=(12, 20, 3), dtype=np.uint8)
         image[:4, :4] = (200, 200, 7)  # classes 0 and 1 tie at the top
         Image.fromarray(image).save(folder / f"im{i}.png")
-    cfg = _cfg("_ColourTeacher", "PSEUDO_LABELS.THRESHOLD", "0.4", "PSEUDO_LABELS.SAVE_CONFIDENCE", "True")
+    cfg = pseudo_label_cfg("ColourTeacher", "PSEUDO_LABELS.THRESHOLD", "0.4", "PSEUDO_LABELS.SAVE_CONFIDENCE", "True")
     out = tmp_path / "out"
-    generate_pseudo_labels(cfg, str(folder), out, model=_ColourTeacher())
+    generate_pseudo_labels(cfg, str(folder), out, model=ColourTeacher())
     for i in range(3):
         # The teacher's float32 probabilities, as the generator computes them.
         image = torch.as_tensor(np.asarray(Image.open(folder / f"im{i}.png")).transpose(2, 0, 1).copy())
@@ -137,8 +137,8 @@ def test_only_uint8_and_float16_maps_reach_the_host(tmp_path, monkeypatch):
 
     # Instances: masks thresholded (uint8) before they move; before issue 26 the float masks went to the host.
     reads.moved.clear()
-    cfg = _cfg("_BoxTeacher")
-    prediction = instance_predictions(_BoxTeacher(cfg), torch.zeros(3, 6, 10, dtype=torch.uint8), 6, 10, 0.5)
+    cfg = pseudo_label_cfg("BoxTeacher")
+    prediction = instance_predictions(BoxTeacher(cfg), torch.zeros(3, 6, 10, dtype=torch.uint8), 6, 10, 0.5)
     assert prediction["masks"].dtype == np.uint8 and prediction["masks"].shape == (1, 6, 10)
     assert not reads.large(), reads.moved
 
@@ -147,10 +147,10 @@ def test_reader_and_writer_threads_give_the_same_files(tmp_path, images):
     folder, _ = images
     outputs = {}
     for workers in ("0", "3"):
-        cfg = _cfg("_ColourTeacher", "PSEUDO_LABELS.FORMAT", "soft", "PSEUDO_LABELS.SAVE_CONFIDENCE", "True",
+        cfg = pseudo_label_cfg("ColourTeacher", "PSEUDO_LABELS.FORMAT", "soft", "PSEUDO_LABELS.SAVE_CONFIDENCE", "True",
                    "DATALOADER.NUM_WORKERS", workers)
         out = tmp_path / f"out{workers}"
-        report = generate_pseudo_labels(cfg, str(folder), out, model=_ColourTeacher())
+        report = generate_pseudo_labels(cfg, str(folder), out, model=ColourTeacher())
         assert report["written"] == 5 and len(report["skipped"]) == 1
         outputs[workers] = out
     for sub in ("labels", "confidence"):
@@ -166,20 +166,13 @@ def test_reader_and_writer_threads_give_the_same_files(tmp_path, images):
     assert [d["image_id"] for d in datasets[0]] == [d["image_id"] for d in datasets[1]]
 
 
-@pytest.fixture
-def images(tmp_path):
-    from tests.test_pseudo_labels import images as make
-
-    return make.__wrapped__(tmp_path)
-
-
 # ------------------------------------------------------------------------------------------- kills
 
 _KILLED_RUN = textwrap.dedent('''
     import os, signal, sys
     sys.path.insert(0, {root!r})
     from selftrain_d2.pseudo_labels import generate, generate_pseudo_labels, storage
-    from tests.test_pseudo_labels import _ColourTeacher, _cfg
+    from tests.helpers import ColourTeacher, pseudo_label_cfg
 
     generate.PROGRESS_BATCH = 3
     mode, when = sys.argv[1], int(sys.argv[2])
@@ -211,8 +204,8 @@ _KILLED_RUN = textwrap.dedent('''
             real(self, entries)
 
         generate._ProgressLog.add = add
-    cfg = _cfg("_ColourTeacher", "PSEUDO_LABELS.FORMAT", "soft", "DATALOADER.NUM_WORKERS", "0")
-    generate_pseudo_labels(cfg, sys.argv[3], sys.argv[4], model=_ColourTeacher())
+    cfg = pseudo_label_cfg("ColourTeacher", "PSEUDO_LABELS.FORMAT", "soft", "DATALOADER.NUM_WORKERS", "0")
+    generate_pseudo_labels(cfg, sys.argv[3], sys.argv[4], model=ColourTeacher())
 ''')
 
 
@@ -247,8 +240,8 @@ def test_kill_during_batched_progress_resumes_with_every_file_intact(tmp_path, m
     first = _progress_keys(out)
     assert len(first) == len(set(first)) == recorded
 
-    teacher = _ColourTeacher()
-    report = generate_pseudo_labels(_cfg("_ColourTeacher", "PSEUDO_LABELS.FORMAT", "soft"), str(folder), out,
+    teacher = ColourTeacher()
+    report = generate_pseudo_labels(pseudo_label_cfg("ColourTeacher", "PSEUDO_LABELS.FORMAT", "soft"), str(folder), out,
                                     model=teacher)
     # Nothing recorded is labelled again, nothing unrecorded is lost.
     assert report["already_done"] == recorded and report["written"] == 10 - recorded == teacher.calls
@@ -256,7 +249,7 @@ def test_kill_during_batched_progress_resumes_with_every_file_intact(tmp_path, m
     assert sorted(keys) == sorted(arrays) and len(keys) == len(set(keys))
     assert sorted(d["image_id"] for d in json.loads((out / "dataset.json").read_text())) == sorted(arrays)
     for key, image in arrays.items():
-        probs = _colour_probs(image)
+        probs = colour_probs(image)
         np.testing.assert_array_equal(storage.load_hard_label(out / "labels" / f"{key}.png"), probs.argmax(0))
         soft = read_soft_label(out / "soft" / f"{key}.npz")
         np.testing.assert_allclose(storage.soft_label_to_dense(soft), probs, rtol=2e-3)
@@ -288,7 +281,7 @@ def test_teacher_weights_load_without_running_code(tmp_path, images, monkeypatch
                                           "payload": _CreatesFile(str(marker))}, protocol=2))
     else:
         torch.save({"model": {"scale": torch.ones(())}, "payload": _CreatesFile(str(marker))}, weights)
-    cfg = _cfg("_ColourTeacher", "MODEL.WEIGHTS", str(weights))
+    cfg = pseudo_label_cfg("ColourTeacher", "MODEL.WEIGHTS", str(weights))
     with pytest.raises(UnsafeWeightsError, match="evil"):
         generate_pseudo_labels(cfg, str(folder), tmp_path / "out")  # the teacher is built from cfg
     assert not marker.exists()

@@ -6,87 +6,16 @@ import numpy as np
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.structures import Instances
 from PIL import Image
 
-from selftrain_d2.config import get_selftrain_cfg
 from selftrain_d2.data.datasets import register_from_cfg
 from selftrain_d2.pseudo_labels import (
     generate_pseudo_labels, load_confidence, load_hard_label, multi_scale_flip, read_soft_label,
-    register_teacher_output, sliding_window, soft_label_to_dense, storage, write_hard_label, write_soft_label,
+    sliding_window, soft_label_to_dense, storage, write_hard_label, write_soft_label,
 )
 from selftrain_d2.pseudo_labels.generate import scores_to_probabilities, teacher_output
 
-EPS = 1.0  # added to every colour channel so that no class score is 0
-
-
-class _ColourTeacher(torch.nn.Module):
-    """Per-pixel class scores = RGB value + EPS (3 classes): pointwise, so labels are known exactly."""
-
-    def __init__(self, cfg=None):
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.ones(()))
-        self.calls = 0
-
-    def forward(self, batched_inputs):
-        self.calls += 1
-        return [{"sem_seg": (x["image"].float() + EPS) * self.scale} for x in batched_inputs]
-
-
-class _BoxTeacher(torch.nn.Module):
-    """Two fixed instances: a 2x3 box of class 1 (score 0.9) and a 1x1 box of class 0 (score 0.3)."""
-
-    def __init__(self, cfg=None):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, batched_inputs):
-        x = batched_inputs[0]
-        h, w = x["height"], x["width"]
-        masks = torch.zeros(2, h, w)
-        masks[0, 1:3, 2:5] = 1
-        masks[1, 0, 0] = 1
-        inst = Instances((h, w))
-        inst.pred_masks, inst.scores, inst.pred_classes = masks, torch.tensor([0.9, 0.3]), torch.tensor([1, 0])
-        return [{"instances": inst}]
-
-
-for _cls in (_ColourTeacher, _BoxTeacher):
-    if _cls.__name__ not in META_ARCH_REGISTRY:
-        META_ARCH_REGISTRY.register(_cls)
-register_teacher_output("_ColourTeacher", "semantic", "scores")
-register_teacher_output("_BoxTeacher", "instance")
-
-
-def _colour_probs(image_rgb):
-    scores = image_rgb.astype(np.float64).transpose(2, 0, 1) + EPS
-    return scores / scores.sum(0, keepdims=True)
-
-
-def _cfg(arch="_ColourTeacher", *opts):
-    cfg = get_selftrain_cfg()
-    cfg.merge_from_list([
-        "MODEL.META_ARCHITECTURE", arch, "MODEL.DEVICE", "cpu", "INPUT.FORMAT", "RGB", "INPUT.MIN_SIZE_TEST", "0",
-        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "3", *opts,
-    ])
-    return cfg
-
-
-@pytest.fixture
-def images(tmp_path):
-    """A folder of 5 random 6x10 RGB PNGs (one in a subfolder) plus one corrupt file."""
-    folder = tmp_path / "images"
-    (folder / "sub").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for i in range(5):
-        rel = f"sub/img{i}.png" if i == 4 else f"img{i}.png"
-        arr = rng.integers(0, 256, size=(6, 10, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(folder / rel)
-        arrays[os.path.splitext(rel)[0]] = arr
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    return folder, arrays
+from .helpers import BoxTeacher, ColourTeacher, colour_probs, pseudo_label_cfg
 
 
 def _mtimes(root, sub):
@@ -205,20 +134,20 @@ def test_sliding_window_equals_full_for_pointwise_model():
 
 
 def test_semantic_teacher_kinds():
-    assert teacher_output(_cfg("SemanticSegmentor")) == ("semantic", "logits")
-    assert teacher_output(_cfg("Mask2FormerInstance")) == ("instance", None)
+    assert teacher_output(pseudo_label_cfg("SemanticSegmentor")) == ("semantic", "logits")
+    assert teacher_output(pseudo_label_cfg("Mask2FormerInstance")) == ("instance", None)
     logits = torch.tensor([[[0.0]], [[np.log(3.0)]]])
     torch.testing.assert_close(scores_to_probabilities(logits, "logits").flatten(), torch.tensor([0.25, 0.75]))
     torch.testing.assert_close(scores_to_probabilities(logits.exp(), "scores").flatten(), torch.tensor([0.25, 0.75]))
     with pytest.raises(ValueError, match="NoSuchArch.*register_teacher_output"):
-        teacher_output(_cfg("NoSuchArch"))
+        teacher_output(pseudo_label_cfg("NoSuchArch"))
 
 
 def test_generate_hard_labels_skips_unreadable(tmp_path, images, capsys):
     folder, arrays = images
-    cfg = _cfg("_ColourTeacher", "PSEUDO_LABELS.THRESHOLD", "0.5", "PSEUDO_LABELS.SAVE_CONFIDENCE", "True")
+    cfg = pseudo_label_cfg("ColourTeacher", "PSEUDO_LABELS.THRESHOLD", "0.5", "PSEUDO_LABELS.SAVE_CONFIDENCE", "True")
     out = tmp_path / "out"
-    report = generate_pseudo_labels(cfg, str(folder), out, model=_ColourTeacher())
+    report = generate_pseudo_labels(cfg, str(folder), out, model=ColourTeacher())
     assert report["images"] == 6 and report["written"] == 5 and report["already_done"] == 0
     assert [s["file"] for s in report["skipped"]] == [str(folder / "broken.png")]
     assert report["skipped"][0]["error"].startswith("UnidentifiedImageError: cannot identify image file")
@@ -226,7 +155,7 @@ def test_generate_hard_labels_skips_unreadable(tmp_path, images, capsys):
     assert json.loads((out / "report.json").read_text()) == report
 
     for key, arr in arrays.items():
-        probs = _colour_probs(arr)
+        probs = colour_probs(arr)
         expected = probs.argmax(0).astype(np.uint8)
         expected[probs.max(0) < 0.5] = 255
         np.testing.assert_array_equal(load_hard_label(out / "labels" / f"{key}.png"), expected)
@@ -247,9 +176,9 @@ def test_generate_hard_labels_skips_unreadable(tmp_path, images, capsys):
 def test_resume_after_kill_and_rerun_does_nothing(tmp_path, images, monkeypatch):
     folder, arrays = images
     weights = tmp_path / "teacher.pth"
-    torch.save({"model": _ColourTeacher().state_dict()}, weights)
+    torch.save({"model": ColourTeacher().state_dict()}, weights)
     # One writer thread, so that the kill comes after exactly two label files.
-    cfg = _cfg("_ColourTeacher", "MODEL.WEIGHTS", str(weights), "PSEUDO_LABELS.FORMAT", "soft",
+    cfg = pseudo_label_cfg("ColourTeacher", "MODEL.WEIGHTS", str(weights), "PSEUDO_LABELS.FORMAT", "soft",
                "DATALOADER.NUM_WORKERS", "0")
     out = tmp_path / "out"
     real_write = storage.write_hard_label
@@ -284,7 +213,7 @@ def test_resume_after_kill_and_rerun_does_nothing(tmp_path, images, monkeypatch)
     for key, arr in arrays.items():
         soft = read_soft_label(out / "soft" / f"{key}.npz")
         np.testing.assert_array_equal(soft["indices"][0], load_hard_label(out / "labels" / f"{key}.png"))
-        np.testing.assert_allclose(soft_label_to_dense(soft), _colour_probs(arr), rtol=2e-3)
+        np.testing.assert_allclose(soft_label_to_dense(soft), colour_probs(arr), rtol=2e-3)
 
     written.clear()
     snapshot = {**_mtimes(out, "labels"), **_mtimes(out, "soft")}
@@ -303,12 +232,12 @@ def test_resume_after_kill_and_rerun_does_nothing(tmp_path, images, monkeypatch)
 def test_progress_line_cut_by_kill_is_ignored(tmp_path, images):
     folder, _ = images
     out = tmp_path / "out"
-    generate_pseudo_labels(_cfg(), str(folder), out, model=_ColourTeacher())
+    generate_pseudo_labels(pseudo_label_cfg(), str(folder), out, model=ColourTeacher())
     log = out / "progress" / "rank0.jsonl"
     lines = log.read_text().splitlines(keepends=True)
     log.write_text("".join(lines[:2]) + lines[2][:7])  # third record cut short, no newline
-    teacher = _ColourTeacher()
-    report = generate_pseudo_labels(_cfg(), str(folder), out, model=teacher)
+    teacher = ColourTeacher()
+    report = generate_pseudo_labels(pseudo_label_cfg(), str(folder), out, model=teacher)
     assert report["written"] == 3 and teacher.calls == 3
     # Writer threads record images as they finish, not necessarily in input order.
     kept = {json.loads(line)["key"] for line in lines[:2]}
@@ -325,27 +254,27 @@ def test_shards_by_rank(tmp_path, images, monkeypatch):
     monkeypatch.setattr(comm, "all_gather", lambda data, group=None: [data])
     monkeypatch.setattr(comm, "get_rank", lambda: 1)
     monkeypatch.setattr(comm, "is_main_process", lambda: False)
-    generate_pseudo_labels(_cfg(), str(folder), out, model=_ColourTeacher())
+    generate_pseudo_labels(pseudo_label_cfg(), str(folder), out, model=ColourTeacher())
     # inputs sorted: broken, img0, img1, img2, img3, sub/img4 -> rank 1 takes indices 1, 3, 5
     assert sorted(_mtimes(out, "labels")) == ["labels/img0.png", "labels/img2.png", "labels/sub/img4.png"]
     assert not (out / "dataset.json").exists()
     monkeypatch.setattr(comm, "get_rank", lambda: 0)
     monkeypatch.setattr(comm, "is_main_process", lambda: True)
-    report = generate_pseudo_labels(_cfg(), str(folder), out, model=_ColourTeacher())
+    report = generate_pseudo_labels(pseudo_label_cfg(), str(folder), out, model=ColourTeacher())
     assert report["written"] == 2 and [s["file"] for s in report["skipped"]] == [str(folder / "broken.png")]
     assert len(json.loads((out / "dataset.json").read_text())) == 5
 
 
 def test_tta_and_sliding_window_in_generator(tmp_path, images):
     folder, arrays = images
-    cfg = _cfg("_ColourTeacher", "PSEUDO_LABELS.TTA.FLIP", "True", "PSEUDO_LABELS.SLIDING_WINDOW.ENABLED", "True",
+    cfg = pseudo_label_cfg("ColourTeacher", "PSEUDO_LABELS.TTA.FLIP", "True", "PSEUDO_LABELS.SLIDING_WINDOW.ENABLED", "True",
                "PSEUDO_LABELS.SLIDING_WINDOW.SIZE", "[4, 4]", "PSEUDO_LABELS.SLIDING_WINDOW.STRIDE", "[2, 3]",
                "PSEUDO_LABELS.FORMAT", "soft", "PSEUDO_LABELS.SOFT_TOP_K", "3")
-    generate_pseudo_labels(cfg, str(folder), tmp_path / "out", model=_ColourTeacher())
+    generate_pseudo_labels(cfg, str(folder), tmp_path / "out", model=ColourTeacher())
     # a pointwise model: windows and mirrored copies give exactly the plain probabilities
     for key, arr in arrays.items():
         dense = soft_label_to_dense(read_soft_label(tmp_path / "out" / "soft" / f"{key}.npz"))
-        np.testing.assert_allclose(dense, _colour_probs(arr), rtol=2e-3)
+        np.testing.assert_allclose(dense, colour_probs(arr), rtol=2e-3)
 
 
 def test_register_from_dir_with_source_metadata(tmp_path, images, new_name):
@@ -357,18 +286,18 @@ def test_register_from_dir_with_source_metadata(tmp_path, images, new_name):
     MetadataCatalog.get(source).set(stuff_classes=["red", "green", "blue"], stuff_colors=[[255, 0, 0]] * 3)
     out = tmp_path / "pl"
     name = new_name("pseudo")
-    cfg = _cfg()
+    cfg = pseudo_label_cfg()
     cfg.DATASETS.PSEUDO_LABELS = [[name, str(out)]]
     with pytest.raises(FileNotFoundError, match="no dataset.json; run tools/generate_pseudo_labels.py"):
         register_from_cfg(cfg)
 
-    generate_pseudo_labels(cfg, source, out, model=_ColourTeacher())
+    generate_pseudo_labels(cfg, source, out, model=ColourTeacher())
     assert register_from_cfg(cfg) == [name]
     assert register_from_cfg(cfg) == [name]  # idempotent
     dicts = DatasetCatalog.get(name)
     assert [d["image_id"] for d in dicts] == ["img0", "img1"]
     np.testing.assert_array_equal(
-        load_hard_label(dicts[1]["sem_seg_file_name"]), _colour_probs(arrays["img1"]).argmax(0)
+        load_hard_label(dicts[1]["sem_seg_file_name"]), colour_probs(arrays["img1"]).argmax(0)
     )
     meta = MetadataCatalog.get(name)
     assert meta.stuff_classes == ["red", "green", "blue"] and meta.evaluator_type == "sem_seg"
@@ -383,8 +312,8 @@ def test_instance_pseudo_labels_coco_rle(tmp_path, images, new_name):
     DatasetCatalog.register(source, lambda: [{"file_name": str(folder / "img0.png"), "image_id": 7}])
     MetadataCatalog.get(source).set(thing_classes=["car", "person"], thing_dataset_id_to_contiguous_id={3: 0, 5: 1})
     out = tmp_path / "inst"
-    cfg = _cfg("_BoxTeacher", "PSEUDO_LABELS.INSTANCE_SCORE_THRESHOLD", "0.5")
-    report = generate_pseudo_labels(cfg, source, out, model=_BoxTeacher())
+    cfg = pseudo_label_cfg("BoxTeacher", "PSEUDO_LABELS.INSTANCE_SCORE_THRESHOLD", "0.5")
+    report = generate_pseudo_labels(cfg, source, out, model=BoxTeacher())
     assert report["written"] == 1
     coco = json.loads((out / "instances.json").read_text())
     assert coco["categories"] == [{"id": 3, "name": "car"}, {"id": 5, "name": "person"}]
@@ -405,5 +334,5 @@ def test_instance_pseudo_labels_coco_rle(tmp_path, images, new_name):
     assert record["annotations"][0]["category_id"] == 1  # contiguous again
     assert MetadataCatalog.get(name).thing_dataset_id_to_contiguous_id == {3: 0, 5: 1}
     with pytest.raises(ValueError, match="semantic teachers only"):
-        cfg = _cfg("_BoxTeacher", "PSEUDO_LABELS.TTA.FLIP", "True")
-        generate_pseudo_labels(cfg, source, tmp_path / "x", model=_BoxTeacher())
+        cfg = pseudo_label_cfg("BoxTeacher", "PSEUDO_LABELS.TTA.FLIP", "True")
+        generate_pseudo_labels(cfg, source, tmp_path / "x", model=BoxTeacher())

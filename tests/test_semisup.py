@@ -9,7 +9,6 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase
-from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from selftrain_d2.config import load_config
@@ -18,41 +17,17 @@ from selftrain_d2.engine.train_step import check_finite_losses
 from selftrain_d2.teacher import raw_predictions
 
 from .conftest import ROOT
-from .test_training import _Killed, _KillAfter
+from .helpers import TINY_MASK2FORMER, Killed, KillAfter
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: several times faster on one thread
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "guided-distillation-student.yaml")
 SEMANTIC_CONFIG = os.path.join(ROOT, "configs", "demo", "guided-distillation-semantic.yaml")
-# A Mask2Former small enough for a few CPU iterations in seconds; pseudo labels kept at any confidence.
-TINY = [
-    "MODEL.EFFICIENTNET_LITE.PRETRAINED", "False", "SOLVER.IMS_PER_BATCH", "1", "SEMISUP.UNLABELED_IMS_PER_BATCH", "1",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.CROP.SIZE", "(64, 96)", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256",
-    "MODEL.MASK_FORMER.DEC_LAYERS", "2", "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1",
-    "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "8", "DATASETS.TEST", "()", "SEMISUP.PSEUDO_LABELS.SCORE_THRESHOLD", "0.0",
-    "SEMISUP.EMA_DECAY", "0.5", "SOLVER.CHECKPOINT_PERIOD", "100", "DATALOADER.NUM_WORKERS", "0",
-]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine run several times faster on one thread than on two.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def teacher_weights(tmp_path_factory):
-    """A 'trained teacher' checkpoint: a freshly initialised model of the same config, seeded."""
-    cfg = load_config(CONFIG, TINY)
-    torch.manual_seed(123)
-    path = str(tmp_path_factory.mktemp("teacher") / "teacher.pth")
-    torch.save({"model": build_model(cfg).state_dict()}, path)
-    return path
 
 
 def _cfg(out, *opts, config=CONFIG):
-    cfg = load_config(config, TINY + ["OUTPUT_DIR", str(out)] + list(opts))
+    cfg = load_config(config, TINY_MASK2FORMER + ["OUTPUT_DIR", str(out)] + list(opts))
     cfg.freeze()
     return cfg
 
@@ -86,11 +61,11 @@ def test_resume_mid_burn_in_and_mid_ema_repeats_the_uninterrupted_run(tmp_path, 
     for kill_after, start in [(2, None), (4, 2), (None, 4)]:  # killed in burn-in, then in the EMA stage
         trainer = SemiSupervisedTrainer(cfg)
         if kill_after:
-            trainer.register_hooks([_KillAfter(kill_after)])
+            trainer.register_hooks([KillAfter(kill_after)])
         trainer.resume_or_load(resume=start is not None)
         assert trainer.start_iter == (start or 0)
         if kill_after:
-            with pytest.raises(_Killed):
+            with pytest.raises(Killed):
                 trainer.train()
         else:
             trainer.train()
@@ -261,7 +236,7 @@ def test_train_net_picks_the_trainer_and_evaluates_both_models_from_a_checkpoint
     assert TRAINER_REGISTRY.get("SemiSupervisedTrainer") is SemiSupervisedTrainer
     train_net = _train_net()
     out = str(tmp_path / "run")
-    args = ["--config-file", CONFIG] + TINY + [
+    args = ["--config-file", CONFIG] + TINY_MASK2FORMER + [
         "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "2", "SEMISUP.BURN_IN_ITERS", "1", "SEMISUP.TEACHER.WEIGHTS",
         teacher_weights, "DATASETS.TEST", f"('{tiny_val}',)", "SEMISUP.EVAL_MODEL", "BOTH"]
     trained = train_net.run(default_argument_parser().parse_args(args))
@@ -283,7 +258,7 @@ def test_train_net_picks_the_trainer_and_evaluates_both_models_from_a_checkpoint
 def test_two_process_cpu_ddp_trains(tmp_path, teacher_weights):
     out = tmp_path / "ddp"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", CONFIG, "--num-gpus", "2",
-           *TINY, "SOLVER.IMS_PER_BATCH", "2", "SEMISUP.UNLABELED_IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3",
+           *TINY_MASK2FORMER, "SOLVER.IMS_PER_BATCH", "2", "SEMISUP.UNLABELED_IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3",
            "SEMISUP.BURN_IN_ITERS", "1", "SEMISUP.TEACHER.WEIGHTS", teacher_weights, "MODEL.DEVICE", "cpu",
            "OUTPUT_DIR", str(out)]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")

@@ -11,7 +11,9 @@ from selftrain_d2.teacher import PSEUDO_FILTER_REGISTRY, build_pseudo_filters
 from selftrain_d2.teacher.filters import candidates_from_queries
 
 from .conftest import ROOT
-from .test_semisup import TINY, _one_thread, teacher_weights  # noqa: F401  (fixtures)
+from .helpers import TINY_MASK2FORMER
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROJECT = os.path.join(ROOT, "projects", "RampedGuidedDistillation")
 CONFIG = os.path.join(PROJECT, "configs", "ramped-gd-demo.yaml")
@@ -47,7 +49,7 @@ def test_ramp_weight_by_hand(ramped_gd):
 
 
 def test_project_trainer_ramps_lambda_u(ramped_gd, tmp_path, teacher_weights):  # noqa: F811
-    cfg = load_config(CONFIG, TINY + ["OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "2", "SEMISUP.BURN_IN_ITERS", "1",
+    cfg = load_config(CONFIG, TINY_MASK2FORMER + ["OUTPUT_DIR", str(tmp_path), "SOLVER.MAX_ITER", "2", "SEMISUP.BURN_IN_ITERS", "1",
                                       "SEMISUP.TEACHER.WEIGHTS", teacher_weights, "PROJECTS.RAMPED_GD.RAMP_ITERS", "4",
                                       "SEMISUP.UNSUP_LOSS_WEIGHT", "2.0"])
     cfg.freeze()

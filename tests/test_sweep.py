@@ -5,10 +5,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-import time
 
 import pytest
+
+from .helpers import run_together
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_PY = os.path.join(ROOT, "selftrain_d2", "orchestration", "sweep.py")
@@ -37,29 +37,6 @@ def _load():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def run_together(commands, timeout):
-    """Start every command at once (as processes on several machines); their exit codes and outputs once all
-    have ended, or been killed at ``timeout`` seconds."""
-    logs = [tempfile.TemporaryFile("w+") for _ in commands]  # a pipe nobody reads until the end could fill up
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT) for cmd, log in zip(commands, logs)]
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    outputs = []
-    for log in logs:
-        log.seek(0)
-        outputs.append(log.read())
-        log.close()
-    return [p.returncode for p in procs], outputs, [p.pid for p in procs]
 
 
 def _fake_metric(config, overrides):

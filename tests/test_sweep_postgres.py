@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from .test_sweep import run_together
+from .helpers import run_together
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_PY = os.path.join(ROOT, "selftrain_d2", "orchestration", "sweep.py")

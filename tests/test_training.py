@@ -7,48 +7,11 @@ import sys
 
 import pytest
 import torch
-from detectron2.engine import HookBase
 
 from selftrain_d2.engine import Trainer, default_argument_parser
 
 from .conftest import DEMO_CONFIG, FAST_TRAIN_OPTS, ROOT
-
-
-class _Killed(Exception):
-    pass
-
-
-class _KillAfter(HookBase):
-    """Stops training after ``n`` iterations, as a kill would (checkpoint hooks have run)."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def after_step(self):
-        if self.trainer.iter + 1 == self.n:
-            raise _Killed()
-
-
-def _state(trainer):
-    return {
-        "iter": trainer.iter,
-        "model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
-    }
-
-
-def _assert_same_state(a, b):
-    assert a["iter"] == b["iter"]
-    assert a["scheduler"] == b["scheduler"]
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        torch.testing.assert_close(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"], rtol=0, atol=0)
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+from .helpers import Killed, KillAfter, assert_same_state, trainer_state
 
 
 def test_resume_after_kill_repeats_the_uninterrupted_run(fast_cfg, tmp_path):
@@ -56,14 +19,14 @@ def test_resume_after_kill_repeats_the_uninterrupted_run(fast_cfg, tmp_path):
     uninterrupted = Trainer(fast_cfg(*opts, "OUTPUT_DIR", str(tmp_path / "a")))
     uninterrupted.resume_or_load(resume=False)
     uninterrupted.train()
-    reference = _state(uninterrupted)
+    reference = trainer_state(uninterrupted)
     assert reference["iter"] == 6  # Detectron2 leaves iter at max_iter after training
 
     cfg = fast_cfg(*opts, "OUTPUT_DIR", str(tmp_path / "b"))
     killed = Trainer(cfg)
-    killed.register_hooks([_KillAfter(3)])
+    killed.register_hooks([KillAfter(3)])
     killed.resume_or_load(resume=False)
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         killed.train()
     assert (tmp_path / "b" / "model_0000002.pth").exists()
     assert not (tmp_path / "b" / "model_final.pth").exists()
@@ -72,7 +35,7 @@ def test_resume_after_kill_repeats_the_uninterrupted_run(fast_cfg, tmp_path):
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 3
     resumed.train()
-    _assert_same_state(_state(resumed), reference)
+    assert_same_state(trainer_state(resumed), reference)
 
 
 def _train_net():
