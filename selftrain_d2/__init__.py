@@ -1,11 +1,12 @@
 """selftrain-d2: label-efficient segmentation on Detectron2.
 
 Importing the package registers every component (backbones, meta-architectures, mappers, datasets,
-evaluators) with Detectron2's registries.
+evaluators, trainers) with Detectron2's registries, and each subsystem's config keys (its config.py).
 """
-from . import data, evaluation, modeling  # noqa: F401  (registration on import)
+from . import data, evaluation, modeling, solver  # noqa: F401  (registration on import, config keys too)
 from . import distill  # noqa: F401,E402  (KD losses and the Distiller; after modeling)
 from . import pseudo_labels  # noqa: F401,E402  (DATASETS.PSEUDO_LABELS folders)
+from . import engine  # noqa: F401,E402  (trainers, SEMISUP keys)
 from .config import add_selftrain_config
 from .version import __version__
 

@@ -1,5 +1,6 @@
 """Knowledge distillation from a frozen teacher into a student: KD losses (a registry), feature taps with
 adapters, and the "Distiller" meta-architecture. Importing registers them."""
+from . import config as _config  # noqa: F401  (registers this subsystem's config keys)
 from .distiller import Distiller, build_teacher, parse_taps, probe_size
 from .losses import (
     KD_LOSS_REGISTRY,
@@ -11,6 +12,7 @@ from .losses import (
     PairwiseSimilarityKD,
     PixelKD,
     build_kd_losses,
+    register_kd_loss,
     channel_wise_kd_loss,
     intra_class_variation_loss,
     pairwise_similarity_loss,
@@ -24,6 +26,7 @@ __all__ = [
     "parse_taps",
     "probe_size",
     "KD_LOSS_REGISTRY",
+    "register_kd_loss",
     "KDLoss",
     "KDInputs",
     "PixelKD",

@@ -9,14 +9,17 @@ channel count on the student side (``adapted_taps``: the distiller adds a learne
 differ) and whether it needs the input images. ``forward(student, teacher, inputs)`` gets the tapped
 maps (already resized to a common size) and a :class:`KDInputs`, and returns ``{"loss_kd_<name>": ...}``.
 
-Adding a loss is one registered class::
+Adding a loss is one registered class; its settings (``cfg.DISTILL.MY_KD``) and their defaults are declared
+with it and added to the config by ``add_distill_config``::
 
-    @KD_LOSS_REGISTRY.register("my_kd")
+    @register_kd_loss("my_kd", WEIGHT=1.0, TAP="logits")
     class MyKD(KDLoss):
         @configurable
         def __init__(self, *, weight, tap): ...
         @classmethod
-        def from_config(cls, cfg): ...
+        def from_config(cls, cfg):
+            c = cls.settings(cfg)  # cfg.DISTILL.MY_KD
+            return {"weight": c.WEIGHT, "tap": cls.tap(c)}
         def forward(self, student, teacher, inputs): ...
 """
 import torch
@@ -31,6 +34,7 @@ from ..utils.registry import NamedRegistry
 
 __all__ = [
     "KD_LOSS_REGISTRY",
+    "register_kd_loss",
     "KDLoss",
     "KDInputs",
     "PixelKD",
@@ -209,10 +213,11 @@ class KDInputs:
 
 
 class KDLoss(nn.Module):
-    """Base class: ``name`` (the registry name), ``taps`` read, ``adapted_taps`` that need the teacher's
-    channel count on the student side, ``needs_images``."""
+    """Base class: ``name`` (the registry name; the settings are ``cfg.DISTILL.<NAME>``), ``taps`` read,
+    ``adapted_taps`` that need the teacher's channel count on the student side, ``needs_images``."""
 
     name = "kd"
+    config_defaults = {}  # the keys of cfg.DISTILL.<NAME> and their defaults (register_kd_loss sets them)
     taps = ()
     adapted_taps = ()
     needs_images = False
@@ -220,19 +225,34 @@ class KDLoss(nn.Module):
     def output_name(self):
         return f"loss_kd_{self.name}"
 
+    @classmethod
+    def settings(cls, cfg):
+        """This loss's config node, ``cfg.DISTILL.<NAME>``."""
+        return cfg.DISTILL[cls.name.upper()]
 
-def _tap(cfg_node, key, name):
-    value = cfg_node.TAP
-    if not value:
-        raise ValueError(f"DISTILL.{key}.TAP is empty: name one of DISTILL.TAPS for the {name} loss")
-    return value
+    @classmethod
+    def tap(cls, settings):
+        """The tap named by ``settings.TAP`` (an error naming the key when empty)."""
+        if not settings.TAP:
+            raise ValueError(f"DISTILL.{cls.name.upper()}.TAP is empty: name one of DISTILL.TAPS for the "
+                             f"{cls.name} loss")
+        return settings.TAP
 
 
-@KD_LOSS_REGISTRY.register("pixel_kd")
+def register_kd_loss(name, **defaults):
+    """Class decorator: register a :class:`KDLoss` as ``name`` (for ``cfg.DISTILL.LOSSES``) with the keys of
+    its settings, ``cfg.DISTILL.<NAME>`` (``name`` in upper case), and their defaults."""
+    def deco(cls):
+        cls.name, cls.config_defaults = name, dict(defaults)
+        return KD_LOSS_REGISTRY.register(name)(cls)
+
+    return deco
+
+
+# KL(teacher || student) of tau-softened class distributions per pixel, x tau^2.
+@register_kd_loss("pixel_kd", WEIGHT=1.0, TAU=1.0, TAP="logits")
 class PixelKD(KDLoss):
     """Pixel-wise KD on class scores (:func:`pixel_kd_loss`); ignore pixels come from the ground truth."""
-
-    name = "pixel_kd"
 
     @configurable
     def __init__(self, *, weight, tau, tap="logits"):
@@ -242,8 +262,8 @@ class PixelKD(KDLoss):
 
     @classmethod
     def from_config(cls, cfg):
-        c = cfg.DISTILL.PIXEL_KD
-        return {"weight": c.WEIGHT, "tau": c.TAU, "tap": _tap(c, "PIXEL_KD", "pixel_kd")}
+        c = cls.settings(cfg)
+        return {"weight": c.WEIGHT, "tau": c.TAU, "tap": cls.tap(c)}
 
     def forward(self, student, teacher, inputs):
         s, t = student[self.tap], teacher[self.tap]
@@ -251,12 +271,11 @@ class PixelKD(KDLoss):
         return {self.output_name(): self.weight * pixel_kd_loss(s, t, self.tau, ignore)}
 
 
-@KD_LOSS_REGISTRY.register("cwd")
+# Channel-wise distillation (Shu et al.): spatial softmax per channel, KL, x tau^2.
+@register_kd_loss("cwd", WEIGHT=1.0, TAU=4.0, TAP="logits")
 class ChannelWiseKD(KDLoss):
     """Channel-wise distillation (:func:`channel_wise_kd_loss`) on class scores or features; a student
     tap with another channel count than the teacher's goes through a 1x1 adapter."""
-
-    name = "cwd"
 
     @configurable
     def __init__(self, *, weight, tau, tap="logits"):
@@ -266,19 +285,21 @@ class ChannelWiseKD(KDLoss):
 
     @classmethod
     def from_config(cls, cfg):
-        c = cfg.DISTILL.CWD
-        return {"weight": c.WEIGHT, "tau": c.TAU, "tap": _tap(c, "CWD", "cwd")}
+        c = cls.settings(cfg)
+        return {"weight": c.WEIGHT, "tau": c.TAU, "tap": cls.tap(c)}
 
     def forward(self, student, teacher, inputs):
         loss = channel_wise_kd_loss(student[self.tap], teacher[self.tap], self.tau)
         return {self.output_name(): self.weight * loss}
 
 
-@KD_LOSS_REGISTRY.register("skd")
+# Pair-wise similarity distillation (Liu et al.) on pooled cells. POOL_SCALE: cell side as a share of the map's
+# side, int(side x scale), before the similarities: the original's pool scale (0.5: 2x2 nodes on an even-sized
+# map); 0 = cells of PATCH tap pixels instead (PATCH 1 = the per-pixel variant). POOL: "max" (the original) or
+# "avg".
+@register_kd_loss("skd", WEIGHT=1.0, TAP="features", POOL_SCALE=0.5, PATCH=1, POOL="max")
 class PairwiseSimilarityKD(KDLoss):
     """Pair-wise similarity distillation of structured KD (:func:`pairwise_similarity_loss`)."""
-
-    name = "skd"
 
     @configurable
     def __init__(self, *, weight, tap="features", pool_scale=0.5, patch=1, pool="max"):
@@ -298,9 +319,8 @@ class PairwiseSimilarityKD(KDLoss):
 
     @classmethod
     def from_config(cls, cfg):
-        c = cfg.DISTILL.SKD
-        return {"weight": c.WEIGHT, "tap": _tap(c, "SKD", "skd"), "pool_scale": c.POOL_SCALE, "patch": c.PATCH,
-                "pool": c.POOL}
+        c = cls.settings(cfg)
+        return {"weight": c.WEIGHT, "tap": cls.tap(c), "pool_scale": c.POOL_SCALE, "patch": c.PATCH, "pool": c.POOL}
 
     def forward(self, student, teacher, inputs):
         s, t = student[self.tap], teacher[self.tap]
@@ -309,12 +329,11 @@ class PairwiseSimilarityKD(KDLoss):
         return {self.output_name(): self.weight * loss}
 
 
-@KD_LOSS_REGISTRY.register("ifvd")
+# Intra-class feature variation distillation (Wang et al.), averaged over all pixels.
+@register_kd_loss("ifvd", WEIGHT=1.0, TAP="features")
 class IntraClassVariationKD(KDLoss):
     """Intra-class feature variation distillation (:func:`intra_class_variation_loss`); class prototypes
     are taken with the ground-truth labels at the tap's resolution."""
-
-    name = "ifvd"
 
     @configurable
     def __init__(self, *, weight, num_classes, tap="features"):
@@ -324,8 +343,8 @@ class IntraClassVariationKD(KDLoss):
 
     @classmethod
     def from_config(cls, cfg):
-        c = cfg.DISTILL.IFVD
-        return {"weight": c.WEIGHT, "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, "tap": _tap(c, "IFVD", "ifvd")}
+        c = cls.settings(cfg)
+        return {"weight": c.WEIGHT, "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, "tap": cls.tap(c)}
 
     def forward(self, student, teacher, inputs):
         s, t = student[self.tap], teacher[self.tap]
@@ -350,7 +369,12 @@ class Discriminator(nn.Module):
         return self.net(x).mean(dim=(1, 2, 3))
 
 
-@KD_LOSS_REGISTRY.register("holistic")
+# Adversarial (Wasserstein) distillation of class-probability maps (Liu et al.). WEIGHT: of the student's
+# adversarial term (the critic's scores are unbounded); CONDITION_ON_IMAGE: the normalised image concatenated to
+# the critic's input maps; CHANNELS: the critic's stride-2 conv widths; LR / BETAS: its own Adam optimizer;
+# GP_WEIGHT: gradient penalty (WGAN-GP; 0 = off); CRITIC_STEPS: critic updates per training iteration.
+@register_kd_loss("holistic", WEIGHT=0.1, TAP="logits", CONDITION_ON_IMAGE=True, CHANNELS=[64, 128, 256], LR=0.0004,
+                  BETAS=[0.9, 0.99], GP_WEIGHT=10.0, CRITIC_STEPS=1)
 class HolisticKD(KDLoss):
     """Holistic (adversarial) distillation of structured KD: a Wasserstein critic learns to tell the
     teacher's class-probability maps (optionally with the image) from the student's, and the student is
@@ -365,8 +389,6 @@ class HolisticKD(KDLoss):
     student's optimizer (trainable parameters only) and DDP skip them; the critic's step takes its
     gradients through ``torch.func.functional_call`` and averages them over processes itself.
     """
-
-    name = "holistic"
 
     @configurable
     def __init__(self, *, weight, num_classes, tap="logits", condition_on_image=True, channels=(64, 128, 256),
@@ -386,11 +408,11 @@ class HolisticKD(KDLoss):
 
     @classmethod
     def from_config(cls, cfg):
-        c = cfg.DISTILL.HOLISTIC
+        c = cls.settings(cfg)
         return {
             "weight": c.WEIGHT,
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            "tap": _tap(c, "HOLISTIC", "holistic"),
+            "tap": cls.tap(c),
             "condition_on_image": c.CONDITION_ON_IMAGE,
             "channels": tuple(c.CHANNELS),
             "lr": c.LR,

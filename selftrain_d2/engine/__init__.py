@@ -1,3 +1,4 @@
+from . import config as _config  # noqa: F401  (registers this subsystem's config keys)
 from ..utils.registry import NamedRegistry
 from .ddp import unwrap_ddp, wrap_ddp
 from .hooks import StepSeeder
