@@ -69,7 +69,7 @@ def _assert_trains(trainer, dtype, supervised_only=False):
     assert len(curve) == STEPS
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     assert last < first, f"the loss did not fall in {STEPS} steps: {curve}"
-    step = trainer._trainer
+    step = trainer.train_step
     if dtype == "float16":
         # Only the first steps may overflow, while the loss scale backs off from 2**16.
         assert step.grad_scaler is not None and step.skipped_steps <= 5

@@ -134,7 +134,7 @@ def test_images_without_pseudo_objects_learn_no_object(tmp_path, teacher_weights
     cfg = trainer.cfg
     assert cfg.SEMISUP.EMPTY_PSEUDO_LABELS == "no_object" and cfg.SEMISUP.UNSUP_LOSS_WEIGHT == 2.0
     trainer.resume_or_load(resume=False)
-    step, student = trainer._trainer, trainer.model
+    step, student = trainer.train_step, trainer.model
 
     def log_no_object(batch):
         torch.manual_seed(0)  # the backbone's stochastic depth draws the same as in the training forward below
@@ -166,7 +166,7 @@ def test_empty_pseudo_labels_give_zero_unsupervised_loss(tmp_path, teacher_weigh
                                          "SEMISUP.TEACHER.WEIGHTS", teacher_weights, "SEMISUP.UNSUP_LOSS_WEIGHT", "2.0",
                                          "SEMISUP.EMPTY_PSEUDO_LABELS", "zero_if_all_empty"))
     trainer.resume_or_load(resume=False)
-    step = trainer._trainer
+    step = trainer.train_step
     with EventStorage(0):
         batch = step._unlabeled_batch(0)
         losses = step.unsupervised_losses(trainer.teacher, batch)
@@ -196,7 +196,7 @@ def test_non_finite_loss_stops_training(tmp_path, teacher_weights):
     class Poison(HookBase):  # the unsupervised weight turns infinite at iteration 1
         def before_step(self):
             if self.trainer.iter == 1:
-                self.trainer._trainer.unsup_weight = float("inf")
+                self.trainer.train_step.unsup_weight = float("inf")
 
     trainer.register_hooks([Poison()])
     with pytest.raises(FloatingPointError, match=r"_unsup' is (inf|nan) at iteration 1"):
@@ -209,7 +209,7 @@ def test_semantic_variant_trains(tmp_path):
     trainer = SemiSupervisedTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
-    assert trainer._trainer.labeler.targets == "semantic"
+    assert trainer.train_step.labeler.targets == "semantic"
     assert "loss_ce_unsup" in trainer.storage.latest()
 
 

@@ -30,12 +30,13 @@ from detectron2.utils.events import get_event_storage
 from ..data.build import SeededTrainStream, mix_seed
 from ..data.mappers import MAPPER_REGISTRY
 from ..modeling import build_model
+from ..solver import build_gradient_clipper
 from ..teacher import (
     FrozenTeacher, PseudoLabeler, copy_weights_, ema_update_, load_teacher_config, load_teacher_weights,
 )
 from .checkpoint import Checkpointer
 from .ddp import unwrap_ddp
-from .train_step import TrainStep
+from .train_step import AmpSettings, TrainStep
 from .trainer import Trainer
 
 __all__ = [
@@ -232,26 +233,14 @@ class SemiSupervisedTrainer(Trainer):
     """The Trainer with a teacher: guided (or plain) burn-in, then an EMA teacher. Chosen with
     ``SELFTRAIN.TRAINER: SemiSupervisedTrainer``; settings under ``SEMISUP``."""
 
-    def build_hooks(self):
-        # Trainer.__init__ calls this last, once the student, its optimizer, the labeled loader and the
-        # checkpointer exist: the teacher and the semi-supervised step are set up first, then their hooks.
-        self._build_semisup()
-        ret = super().build_hooks()
-        for i, h in enumerate(ret):
-            if isinstance(h, hooks.EvalHook):
-                ret[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_and_save_results)
-        # The teacher update runs after the optimizer step and before checkpointing and evaluation.
-        at = next((i for i, h in enumerate(ret) if isinstance(h, (hooks.PreciseBN, hooks.PeriodicCheckpointer,
-                                                                   hooks.EvalHook, hooks.PeriodicWriter))), len(ret))
-        ret.insert(at, self.schedule)
-        return ret
-
-    def _build_semisup(self):
-        cfg, ss = self.cfg, self.cfg.SEMISUP
+    def build_train_step(self, cfg, model, data_loader, optimizer):
+        """The semi-supervised step, with the teacher (an EMA of the student after burn-in) and, for guided
+        burn-in, the fixed teacher whose weights :meth:`resume_or_load` loads."""
+        ss = cfg.SEMISUP
         _eval_model_choice(cfg)
         if ss.MODE not in MODES:
             raise ValueError(f"SEMISUP.MODE must be one of {MODES}, got {ss.MODE!r}")
-        student = unwrap_ddp(self._trainer.model)
+        student = unwrap_ddp(model)
         self.teacher = FrozenTeacher(build_model(cfg))
         guide = None
         if ss.MODE == "guided" and ss.BURN_IN_ITERS > 0:
@@ -268,14 +257,26 @@ class SemiSupervisedTrainer(Trainer):
                                  f"{student.sem_seg_head.num_classes}")
         self.schedule = TeacherSchedule(teacher=self.teacher, guide=guide, mode=ss.MODE,
                                         burn_in_iters=ss.BURN_IN_ITERS, decay=ss.EMA_DECAY)
-        self._trainer = SemiSupervisedStep(
-            self._trainer.model, self._trainer.data_loader, self._trainer.optimizer,
+        return SemiSupervisedStep(
+            model, data_loader, optimizer,
             unlabeled_loader=build_unlabeled_loader(cfg, self.run_seed), labeler=PseudoLabeler(cfg),
             schedule=self.schedule, unsup_weight=ss.UNSUP_LOSS_WEIGHT, unlabeled_period=ss.UNLABELED_PERIOD,
-            empty_pseudo_labels=ss.EMPTY_PSEUDO_LABELS,
-            amp=self._trainer.amp, clip=self._trainer.clip, grad_scaler=self._trainer.grad_scaler,
+            empty_pseudo_labels=ss.EMPTY_PSEUDO_LABELS, amp=AmpSettings.from_config(cfg),
+            clip=build_gradient_clipper(cfg),
         )
+
+    def build_hooks(self):
+        # Trainer.__init__ calls this last, once the checkpointer exists: the teacher is saved with the run.
         self.checkpointer.add_checkpointable("teacher", self.teacher)
+        ret = super().build_hooks()
+        for i, h in enumerate(ret):
+            if isinstance(h, hooks.EvalHook):
+                ret[i] = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_and_save_results)
+        # The teacher update runs after the optimizer step and before checkpointing and evaluation.
+        at = next((i for i, h in enumerate(ret) if isinstance(h, (hooks.PreciseBN, hooks.PeriodicCheckpointer,
+                                                                   hooks.EvalHook, hooks.PeriodicWriter))), len(ret))
+        ret.insert(at, self.schedule)
+        return ret
 
     def _load_guide(self):
         guide, path = self.schedule.guide, self.cfg.SEMISUP.TEACHER.WEIGHTS

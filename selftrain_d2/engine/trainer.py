@@ -65,8 +65,7 @@ class Trainer(DefaultTrainer):
             cfg.SOLVER.MAX_ITER = self.crop_table.max_iter
             cfg.freeze()
         model = wrap_ddp(model, broadcast_buffers=False)
-        self._trainer = TrainStep(model, data_loader, optimizer, amp=AmpSettings.from_config(cfg),
-                                  clip=build_gradient_clipper(cfg))
+        self._trainer = self.build_train_step(cfg, model, data_loader, optimizer)
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer, table=self.crop_table)
         # MODEL.CLASS_TRANSFER: class rows remapped by name when starting from other classes' weights.
@@ -75,6 +74,19 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_train_step(self, cfg, model, data_loader, optimizer):
+        """What runs one iteration (Detectron2's ``_trainer``; :attr:`train_step`): a :class:`TrainStep` (AMP,
+        clipping, skipped non-finite steps). A trainer that trains differently overrides this builder; it is
+        called once the model (DDP-wrapped), optimizer and loader exist, before the scheduler, the checkpointer
+        and the hooks."""
+        return TrainStep(model, data_loader, optimizer, amp=AmpSettings.from_config(cfg),
+                         clip=build_gradient_clipper(cfg))
+
+    @property
+    def train_step(self):
+        """The step :meth:`build_train_step` built (hooks adjust its settings through this)."""
+        return self._trainer
 
     def build_hooks(self):
         hooks = super().build_hooks()

@@ -769,7 +769,7 @@ class Sweep:
 def run(argv=None):
     """The sweep command (``selftrain_d2.cli.sweep``) on ``argv``: runs, joins or reports a sweep and returns
     its result (``rows``, ``best``, ``final``); exits with status 1 when no trial finished."""
-    from ..version import add_version_argument
+    from selftrain_d2.version import add_version_argument
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_version_argument(parser)

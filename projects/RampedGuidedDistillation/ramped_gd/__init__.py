@@ -37,7 +37,7 @@ class UnsupWeightRamp(HookBase):
         self.ramp_iters = ramp_iters
 
     def before_step(self):
-        self.trainer._trainer.unsup_weight = ramp_weight(self.trainer.iter, self.target, self.ramp_iters)
+        self.trainer.train_step.unsup_weight = ramp_weight(self.trainer.iter, self.target, self.ramp_iters)
 
 
 @TRAINER_REGISTRY.register()
