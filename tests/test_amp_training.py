@@ -111,6 +111,7 @@ def test_kd_distiller_trains_under_amp_with_each_kd_loss(tmp_path, saved_model, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.slow
 def test_guided_distillation_trains_under_amp_with_burn_in_then_ema_teacher(tmp_path, saved_model, dtype):
     teacher = saved_model("mask2former-instance.yaml")
     # The untrained teacher's pseudo labels (every query kept) are noise: at lambda_u 2.0 they outweigh the

@@ -95,6 +95,7 @@ def _same_model(a, b):
 
 # ------------------------------------------------------------------------------------- checkpoints and resume
 
+@pytest.mark.slow
 def test_kill_while_model_final_is_written_then_resume_leaves_a_final_checkpoint_that_loads(tmp_path):
     out = tmp_path / "out"
     killed = _train_net(_killing_python(tmp_path), out)
@@ -204,6 +205,7 @@ def test_checkpoint_and_last_checkpoint_are_never_half_written(fast_cfg, tmp_pat
 
 # ------------------------------------------------------------------------------------------------- recipes
 
+@pytest.mark.slow
 def test_kill_while_a_recipe_stage_writes_model_final_then_rerun_repairs_the_stage(tmp_path):
     out = tmp_path / "recipe"
     opts = TINY + ["SOLVER.MAX_ITER", "2"]  # saves model_0000001 and model_final at iteration 1
@@ -322,6 +324,7 @@ def _wait_for(condition, timeout):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux")
+@pytest.mark.slow
 def test_kill_9_of_the_recipe_kills_its_stage_and_a_rerun_never_runs_beside_an_orphan(tmp_path):
     script = tmp_path / "sleeper_recipe.py"
     script.write_text(SLEEPER_RECIPE.format(root=ROOT))

@@ -406,6 +406,7 @@ def _miou(model, images, labels, num_classes):
     return 100 * iou[confusion.sum(1) > 0].mean().item()
 
 
+@pytest.mark.slow
 def test_demo_semantic_model_overfits_four_images():
     # Half-size images (64x128), no augmentation: the four images are the whole training set.
     cfg = load_config(DEMO_SEMANTIC, [

@@ -104,6 +104,7 @@ def test_train_net_refuses_cpu_processes_not_asked_for_before_starting_them(tmp_
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_two_machines_on_loopback_train_and_only_rank_0_saves(tmp_path):
     url = f"tcp://127.0.0.1:{_free_port()}"
     # One output folder per "machine" (local disks): a checkpoint written by rank 1 would show.
@@ -204,6 +205,7 @@ def _machine(rank, url, root):
     launch(_evaluate_and_save, 1, num_machines=2, machine_rank=rank, dist_url=url, args=(root, "test_city_multi"))
 
 
+@pytest.mark.slow
 def test_cityscapes_evaluators_across_machines_match_one_process(tmp_path, monkeypatch):
     _write_cityscapes(str(tmp_path))
     workdir = tmp_path / "cwd"

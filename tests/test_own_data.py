@@ -422,6 +422,7 @@ if "own_imported_val" not in DatasetCatalog.list():
 '''
 
 
+@pytest.mark.slow
 def test_two_ddp_processes_import_and_register_the_datasets(tmp_path):
     paths, image_root = _shapes(tmp_path / "coco")
     img, gt, _ = _sem_seg_folder(tmp_path / "folder", paths["val"], image_root)
@@ -445,6 +446,7 @@ def test_two_ddp_processes_import_and_register_the_datasets(tmp_path):
     assert "sem_seg" in json.loads((out / "final_metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_recipe_imports_and_datasets_reach_the_stage_processes(tmp_path):
     paths, image_root = _shapes(tmp_path / "coco")
     img, gt, classes = _sem_seg_folder(tmp_path / "folder", paths["train"], image_root)
@@ -512,6 +514,7 @@ def _run_walkthrough(tmp_path, which):
     return output, json.loads(open(os.path.join(output, "summary.json")).read())
 
 
+@pytest.mark.slow
 def test_walkthrough_self_training_scores_pseudo_labels_against_heldout_labels(tmp_path):
     output, summary = _run_walkthrough(tmp_path, "self-training")
     assert set(summary) == {"teacher", "student"} and all("mIoU" in s["sem_seg"] for s in summary.values())
@@ -531,6 +534,7 @@ def test_walkthrough_self_training_scores_pseudo_labels_against_heldout_labels(t
     assert teacher_config.DATASETS.HELDOUT == [["my_unlabeled", "my_unlabeled_sem_seg"]]
 
 
+@pytest.mark.slow
 def test_walkthrough_guided_distillation(tmp_path):
     _, summary = _run_walkthrough(tmp_path, "guided-distillation")
     assert set(summary) == {"teacher", "student", "ema_teacher"}

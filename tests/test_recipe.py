@@ -152,6 +152,7 @@ def test_metrics_table_has_a_column_per_stage_and_per_class_rows():
     assert "| sem_seg/IoU-road | 90.00 | 91.00 |" in table
 
 
+@pytest.mark.slow
 def test_self_training_recipe_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     """teacher -> pseudo labels (a folder of 3 images) -> centroid index -> student, with tiny settings; the
     second run starts no subprocess."""

@@ -255,6 +255,7 @@ def test_train_net_picks_the_trainer_and_evaluates_both_models_from_a_checkpoint
             ["--eval-only"] + args + ["MODEL.WEIGHTS", teacher_weights, "SEMISUP.EVAL_MODEL", "TEACHER"]))
 
 
+@pytest.mark.slow
 def test_two_process_cpu_ddp_trains(tmp_path, teacher_weights):
     out = tmp_path / "ddp"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", CONFIG, "--num-gpus", "2",

@@ -248,6 +248,7 @@ def _run_make_splits(*args):
     )
 
 
+@pytest.mark.slow
 def test_make_splits_cli_is_reproducible(tmp_path):
     json_file, images = _tiny_coco(tmp_path / "coco")
     outputs = []

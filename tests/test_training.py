@@ -63,6 +63,7 @@ def test_eval_only_reproduces_the_final_metrics_without_a_train_loader(tmp_path,
     assert evaluated["sem_seg"] == pytest.approx(trained["sem_seg"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_two_process_cpu_ddp_trains(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", DEMO_CONFIG,
