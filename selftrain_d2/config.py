@@ -1,6 +1,7 @@
 """The config: add_selftrain_config composes the keys every subsystem adds in its own config.py (its
 add_<x>_config, registered here on import), and load_config reads a YAML with clear errors."""
 import difflib
+import logging
 import os
 
 from detectron2.config import CfgNode as CN
@@ -9,7 +10,77 @@ from detectron2.projects.deeplab import add_deeplab_config
 
 from .utils.safe_yaml import load_yaml_file
 
-__all__ = ["add_selftrain_config", "get_selftrain_cfg", "load_config", "register_config"]
+__all__ = ["RENAMED_KEYS", "SelftrainCfgNode", "add_selftrain_config", "get_selftrain_cfg", "load_config",
+           "register_config"]
+
+# Old key (or node) -> its name now. Configs and KEY VALUE options that use an old name still merge, with a
+# warning. The three pseudo-label keys say which idea they hold: generating labels offline, registering
+# their folders as datasets, or the online teacher's labels in guided distillation.
+RENAMED_KEYS = {
+    "PSEUDO_LABELS": "OFFLINE_PSEUDO_LABELS",
+    "DATASETS.PSEUDO_LABELS": "DATASETS.PSEUDO_LABEL_FOLDERS",
+    "SEMISUP.PSEUDO_LABELS": "SEMISUP.ONLINE_PSEUDO_LABELS",
+}
+_warned = set()
+
+
+def renamed_key(full_key, source="config"):
+    """``full_key`` (dotted) under its current name; an old name is translated, with a warning once per name."""
+    for old, new in RENAMED_KEYS.items():
+        if full_key == old or full_key.startswith(old + "."):
+            if (old, source) not in _warned:
+                _warned.add((old, source))
+                logging.getLogger(__name__).warning("%s: %s is now called %s; the old name still works but is "
+                                                    "deprecated", source, old, new)
+            return new + full_key[len(old):]
+    return full_key
+
+
+def _rename_tree(tree, source, prefix=""):
+    """A YAML mapping with every old key renamed (an old node's entries go into the new node, winning over
+    entries the new node has in the same file)."""
+    out = {}
+    renamed = []
+    for key, value in tree.items():
+        full = prefix + str(key)
+        if isinstance(value, dict):
+            value = _rename_tree(value, source, full + ".")
+        new = renamed_key(full, source) if full in RENAMED_KEYS else full  # children move with their node
+        if new == full:
+            out[key] = value
+        else:
+            renamed.append((new, value))
+    for new, value in renamed:
+        parent = out
+        parts = new[len(prefix):].split(".")
+        for part in parts[:-1]:
+            parent = parent.setdefault(part, {})
+        parent[parts[-1]] = _deep_merge(parent.get(parts[-1]), value)
+    return out
+
+
+def _deep_merge(base, override):
+    if not (isinstance(base, dict) and isinstance(override, dict)):
+        return override
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _deep_merge(merged.get(key), value)
+    return merged
+
+
+class SelftrainCfgNode(CN):
+    """Detectron2's CfgNode that also merges files and options written with the old names of
+    :data:`RENAMED_KEYS`."""
+
+    @classmethod
+    def load_yaml_with_base(cls, filename, allow_unsafe=False):
+        return _rename_tree(super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe), filename)
+
+    def merge_from_list(self, cfg_list):
+        cfg_list = list(cfg_list)
+        cfg_list[0::2] = [renamed_key(str(k), "options") for k in cfg_list[0::2]]
+        return super().merge_from_list(cfg_list)
+
 
 # The add_<x>_config of each subsystem (its config.py), in import order: selftrain_d2/__init__.py imports every
 # subsystem, so all are registered before any config is built.
@@ -121,8 +192,17 @@ def _check_fixed_aspp_pool(cfg, source):
 
 
 def get_selftrain_cfg():
-    """Detectron2's default config with selftrain-d2's keys added."""
-    return add_selftrain_config(get_cfg())
+    """Detectron2's default config with selftrain-d2's keys added (a :class:`SelftrainCfgNode`)."""
+    return _as_selftrain_node(add_selftrain_config(get_cfg()))
+
+
+def _as_selftrain_node(node):
+    """``node`` with every (sub)node a :class:`SelftrainCfgNode` (yacs refuses to merge nodes of other types),
+    keeping which nodes accept new keys."""
+    out = SelftrainCfgNode(new_allowed=node.is_new_allowed())
+    for key, value in node.items():
+        out[key] = _as_selftrain_node(value) if isinstance(value, CN) else value
+    return out
 
 
 def load_config(config_file=None, opts=()):

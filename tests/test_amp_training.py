@@ -118,7 +118,7 @@ def test_guided_distillation_trains_under_amp_with_burn_in_then_ema_teacher(tmp_
     # labelled loss, which then rises over the 20 steps, so the check of the labelled loss runs at 1.0.
     trainer = _train(tmp_path, "guided-distillation-student.yaml", dtype, "SEMISUP.TEACHER.WEIGHTS", teacher,
                      "SEMISUP.BURN_IN_ITERS", "10", "SEMISUP.UNLABELED_IMS_PER_BATCH", "2",
-                     "SEMISUP.PSEUDO_LABELS.SCORE_THRESHOLD", "0.0", "SEMISUP.UNSUP_LOSS_WEIGHT", "1.0")
+                     "SEMISUP.ONLINE_PSEUDO_LABELS.SCORE_THRESHOLD", "0.0", "SEMISUP.UNSUP_LOSS_WEIGHT", "1.0")
     # Both phases ran and the student learnt from pseudo labels (weight > 0) in both.
     unsup = trainer.storage.histories()["loss_ce_unsup"].values()
     assert {it for _, it in unsup} == set(range(STEPS))

@@ -316,7 +316,7 @@ def test_stale_temporary_files_are_removed_on_the_next_run(tmp_path):
     for rel in ("a.png", "sub/b.png"):
         Image.fromarray(np.full((4, 8, 3), 9, np.uint8)).save(images / rel)
     out = tmp_path / "out"
-    cfg = _pseudo_cfg("PSEUDO_LABELS.FORMAT", "soft")
+    cfg = _pseudo_cfg("OFFLINE_PSEUDO_LABELS.FORMAT", "soft")
     generate_pseudo_labels(cfg, str(images), out, model=_HalfTeacher())
     # What a kill during np.savez_compressed (or any other atomic write) leaves behind.
     stale = [out / "soft" / ".a.npz.k2j4h1.tmp", out / "soft" / "sub" / ".b.npz.x9f0aa.tmp",

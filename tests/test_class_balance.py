@@ -74,8 +74,8 @@ def _label_shares(out, keys):
 def test_generator_balances_and_resumes_with_the_same_offsets(tmp_path, images, monkeypatch):
     folder, arrays = images
     out = tmp_path / "out"
-    cfg = pseudo_label_cfg("ColourTeacher", "PSEUDO_LABELS.CLASS_BALANCE.ENABLED", "True",
-               "PSEUDO_LABELS.CLASS_BALANCE.SHARES", "[0.2, 0.2, 0.6]", "PSEUDO_LABELS.CLASS_BALANCE.SAMPLE_PIXELS", "60")
+    cfg = pseudo_label_cfg("ColourTeacher", "OFFLINE_PSEUDO_LABELS.CLASS_BALANCE.ENABLED", "True",
+               "OFFLINE_PSEUDO_LABELS.CLASS_BALANCE.SHARES", "[0.2, 0.2, 0.6]", "OFFLINE_PSEUDO_LABELS.CLASS_BALANCE.SAMPLE_PIXELS", "60")
     plain = _label_shares_of(arrays, np.zeros(3))
     assert plain[2] < 0.5
     report = generate_pseudo_labels(cfg, str(folder), out, model=ColourTeacher())
@@ -97,7 +97,7 @@ def test_generator_balances_and_resumes_with_the_same_offsets(tmp_path, images, 
     assert generate_pseudo_labels(cfg, str(folder), out, model=ColourTeacher())["written"] == 1
     np.testing.assert_allclose(_label_shares(out, arrays), balance["balanced_shares"], atol=1e-12)
     # other class-balance settings are another folder
-    cfg.PSEUDO_LABELS.CLASS_BALANCE.SAMPLE_PIXELS = 30
+    cfg.OFFLINE_PSEUDO_LABELS.CLASS_BALANCE.SAMPLE_PIXELS = 30
     with pytest.raises(ValueError, match="settings"):
         generate_pseudo_labels(cfg, str(folder), out, model=ColourTeacher())
 
@@ -115,7 +115,7 @@ def test_generator_targets_the_teachers_training_labels(tmp_path, images, new_na
     Image.fromarray(label).save(tmp_path / "l.png")
     DatasetCatalog.register(labelled, lambda: [{"file_name": "x.png", "sem_seg_file_name": str(tmp_path / "l.png")}])
     MetadataCatalog.get(labelled).set(stuff_classes=["r", "g", "b"])
-    cfg = pseudo_label_cfg("ColourTeacher", "PSEUDO_LABELS.CLASS_BALANCE.ENABLED", "True", "DATASETS.TRAIN", f"('{labelled}',)")
+    cfg = pseudo_label_cfg("ColourTeacher", "OFFLINE_PSEUDO_LABELS.CLASS_BALANCE.ENABLED", "True", "DATASETS.TRAIN", f"('{labelled}',)")
     generate_pseudo_labels(cfg, str(folder), tmp_path / "out", model=ColourTeacher())
     balance = json.loads((tmp_path / "out" / "meta.json").read_text())["class_balance"]
     np.testing.assert_allclose(balance["target_shares"], [0.25, 0.25, 0.5])
@@ -124,6 +124,6 @@ def test_generator_targets_the_teachers_training_labels(tmp_path, images, new_na
 
 def test_class_balance_refused_for_instance_teachers(tmp_path, images):
     folder, _ = images
-    cfg = pseudo_label_cfg("BoxTeacher", "PSEUDO_LABELS.CLASS_BALANCE.ENABLED", "True")
+    cfg = pseudo_label_cfg("BoxTeacher", "OFFLINE_PSEUDO_LABELS.CLASS_BALANCE.ENABLED", "True")
     with pytest.raises(ValueError, match="CLASS_BALANCE apply to semantic teachers only"):
         generate_pseudo_labels(cfg, str(folder), tmp_path / "out")

@@ -103,3 +103,26 @@ def test_wrong_type_names_the_key():
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_old_key_names_still_merge_with_a_warning(tmp_path, caplog):
+    """PSEUDO_LABELS, DATASETS.PSEUDO_LABELS and SEMISUP.PSEUDO_LABELS were renamed; files (a base with the new
+    names, a child with the old) and options with the old names still merge, into the new keys."""
+    (tmp_path / "base.yaml").write_text(
+        "OFFLINE_PSEUDO_LABELS:\n  THRESHOLD: 0.3\n  TTA:\n    FLIP: True\n    SCALES: [0.5, 1.0]\n")
+    (tmp_path / "old.yaml").write_text(
+        "_BASE_: base.yaml\nPSEUDO_LABELS:\n  THRESHOLD: 0.9\n  TTA:\n    SCALES: [1.0, 2.0]\n"
+        "DATASETS:\n  PSEUDO_LABELS: [['pl', '/tmp/pl']]\nSEMISUP:\n  PSEUDO_LABELS:\n    SCORE_THRESHOLD: 0.5\n")
+    with caplog.at_level("WARNING"):
+        cfg = load_config(str(tmp_path / "old.yaml"), ["PSEUDO_LABELS.FORMAT", "soft",
+                                                        "SEMISUP.PSEUDO_LABELS.MASK_THRESHOLD", "0.4"])
+    pl = cfg.OFFLINE_PSEUDO_LABELS
+    assert (pl.THRESHOLD, pl.TTA.FLIP, list(pl.TTA.SCALES), pl.FORMAT) == (0.9, True, [1.0, 2.0], "soft")
+    assert cfg.DATASETS.PSEUDO_LABEL_FOLDERS == [["pl", "/tmp/pl"]]
+    assert (cfg.SEMISUP.ONLINE_PSEUDO_LABELS.SCORE_THRESHOLD, cfg.SEMISUP.ONLINE_PSEUDO_LABELS.MASK_THRESHOLD) == (
+        0.5, 0.4)
+    assert "PSEUDO_LABELS" not in cfg and "PSEUDO_LABELS" not in cfg.SEMISUP and "PSEUDO_LABELS" not in cfg.DATASETS
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "PSEUDO_LABELS is now called OFFLINE_PSEUDO_LABELS" in warned
+    assert "SEMISUP.PSEUDO_LABELS is now called SEMISUP.ONLINE_PSEUDO_LABELS" in warned
+    assert "DATASETS.PSEUDO_LABELS is now called DATASETS.PSEUDO_LABEL_FOLDERS" in warned

@@ -307,7 +307,7 @@ def test_recipe_datasets_block_resolves_paths_and_adds_to_every_config(tmp_path)
 
 @pytest.mark.parametrize("raw,match", [
     ({"datasets": {"COCO": []}}, "unknown key 'COCO'"),
-    ({"datasets": {"PSEUDO_LABELS": []}}, "unknown key 'PSEUDO_LABELS'"),
+    ({"datasets": {"PSEUDO_LABEL_FOLDERS": []}}, "unknown key 'PSEUDO_LABEL_FOLDERS'"),
     ({"datasets": {"SEM_SEG_FROM_COCO": [["only"]]}}, r"datasets.SEM_SEG_FROM_COCO\[0\] must be a list of 2 to 3"),
     ({"datasets": "nowhere.yaml"}, "nowhere.yaml is not a file"),
     ({"imports": ["gone.py"]}, "gone.py'] not found"),

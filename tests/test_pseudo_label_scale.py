@@ -86,7 +86,7 @@ def test_hard_label_files_are_byte_identical_to_the_host_computation(tmp_path):
         image = rng.integers(0, 256, size=(12, 20, 3), dtype=np.uint8)
         image[:4, :4] = (200, 200, 7)  # classes 0 and 1 tie at the top
         Image.fromarray(image).save(folder / f"im{i}.png")
-    cfg = pseudo_label_cfg("ColourTeacher", "PSEUDO_LABELS.THRESHOLD", "0.4", "PSEUDO_LABELS.SAVE_CONFIDENCE", "True")
+    cfg = pseudo_label_cfg("ColourTeacher", "OFFLINE_PSEUDO_LABELS.THRESHOLD", "0.4", "OFFLINE_PSEUDO_LABELS.SAVE_CONFIDENCE", "True")
     out = tmp_path / "out"
     generate_pseudo_labels(cfg, str(folder), out, model=ColourTeacher())
     for i in range(3):
@@ -147,7 +147,7 @@ def test_reader_and_writer_threads_give_the_same_files(tmp_path, images):
     folder, _ = images
     outputs = {}
     for workers in ("0", "3"):
-        cfg = pseudo_label_cfg("ColourTeacher", "PSEUDO_LABELS.FORMAT", "soft", "PSEUDO_LABELS.SAVE_CONFIDENCE", "True",
+        cfg = pseudo_label_cfg("ColourTeacher", "OFFLINE_PSEUDO_LABELS.FORMAT", "soft", "OFFLINE_PSEUDO_LABELS.SAVE_CONFIDENCE", "True",
                    "DATALOADER.NUM_WORKERS", workers)
         out = tmp_path / f"out{workers}"
         report = generate_pseudo_labels(cfg, str(folder), out, model=ColourTeacher())
@@ -204,7 +204,7 @@ _KILLED_RUN = textwrap.dedent('''
             real(self, entries)
 
         generate._ProgressLog.add = add
-    cfg = pseudo_label_cfg("ColourTeacher", "PSEUDO_LABELS.FORMAT", "soft", "DATALOADER.NUM_WORKERS", "0")
+    cfg = pseudo_label_cfg("ColourTeacher", "OFFLINE_PSEUDO_LABELS.FORMAT", "soft", "DATALOADER.NUM_WORKERS", "0")
     generate_pseudo_labels(cfg, sys.argv[3], sys.argv[4], model=ColourTeacher())
 ''')
 
@@ -241,7 +241,7 @@ def test_kill_during_batched_progress_resumes_with_every_file_intact(tmp_path, m
     assert len(first) == len(set(first)) == recorded
 
     teacher = ColourTeacher()
-    report = generate_pseudo_labels(pseudo_label_cfg("ColourTeacher", "PSEUDO_LABELS.FORMAT", "soft"), str(folder), out,
+    report = generate_pseudo_labels(pseudo_label_cfg("ColourTeacher", "OFFLINE_PSEUDO_LABELS.FORMAT", "soft"), str(folder), out,
                                     model=teacher)
     # Nothing recorded is labelled again, nothing unrecorded is lost.
     assert report["already_done"] == recorded and report["written"] == 10 - recorded == teacher.calls

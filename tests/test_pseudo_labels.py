@@ -145,7 +145,7 @@ def test_semantic_teacher_kinds():
 
 def test_generate_hard_labels_skips_unreadable(tmp_path, images, capsys):
     folder, arrays = images
-    cfg = pseudo_label_cfg("ColourTeacher", "PSEUDO_LABELS.THRESHOLD", "0.5", "PSEUDO_LABELS.SAVE_CONFIDENCE", "True")
+    cfg = pseudo_label_cfg("ColourTeacher", "OFFLINE_PSEUDO_LABELS.THRESHOLD", "0.5", "OFFLINE_PSEUDO_LABELS.SAVE_CONFIDENCE", "True")
     out = tmp_path / "out"
     report = generate_pseudo_labels(cfg, str(folder), out, model=ColourTeacher())
     assert report["images"] == 6 and report["written"] == 5 and report["already_done"] == 0
@@ -178,7 +178,7 @@ def test_resume_after_kill_and_rerun_does_nothing(tmp_path, images, monkeypatch)
     weights = tmp_path / "teacher.pth"
     torch.save({"model": ColourTeacher().state_dict()}, weights)
     # One writer thread, so that the kill comes after exactly two label files.
-    cfg = pseudo_label_cfg("ColourTeacher", "MODEL.WEIGHTS", str(weights), "PSEUDO_LABELS.FORMAT", "soft",
+    cfg = pseudo_label_cfg("ColourTeacher", "MODEL.WEIGHTS", str(weights), "OFFLINE_PSEUDO_LABELS.FORMAT", "soft",
                "DATALOADER.NUM_WORKERS", "0")
     out = tmp_path / "out"
     real_write = storage.write_hard_label
@@ -224,7 +224,7 @@ def test_resume_after_kill_and_rerun_does_nothing(tmp_path, images, monkeypatch)
     # a deleted label is made again; other settings in the same folder are refused
     os.unlink(out / "labels" / "img3.png")
     assert generate_pseudo_labels(cfg, str(folder), out)["written"] == 1 and written == ["labels/img3.png"]
-    cfg.PSEUDO_LABELS.FORMAT = "hard"
+    cfg.OFFLINE_PSEUDO_LABELS.FORMAT = "hard"
     with pytest.raises(ValueError, match="meta.json.*settings"):
         generate_pseudo_labels(cfg, str(folder), out)
 
@@ -267,9 +267,9 @@ def test_shards_by_rank(tmp_path, images, monkeypatch):
 
 def test_tta_and_sliding_window_in_generator(tmp_path, images):
     folder, arrays = images
-    cfg = pseudo_label_cfg("ColourTeacher", "PSEUDO_LABELS.TTA.FLIP", "True", "PSEUDO_LABELS.SLIDING_WINDOW.ENABLED", "True",
-               "PSEUDO_LABELS.SLIDING_WINDOW.SIZE", "[4, 4]", "PSEUDO_LABELS.SLIDING_WINDOW.STRIDE", "[2, 3]",
-               "PSEUDO_LABELS.FORMAT", "soft", "PSEUDO_LABELS.SOFT_TOP_K", "3")
+    cfg = pseudo_label_cfg("ColourTeacher", "OFFLINE_PSEUDO_LABELS.TTA.FLIP", "True", "OFFLINE_PSEUDO_LABELS.SLIDING_WINDOW.ENABLED", "True",
+               "OFFLINE_PSEUDO_LABELS.SLIDING_WINDOW.SIZE", "[4, 4]", "OFFLINE_PSEUDO_LABELS.SLIDING_WINDOW.STRIDE", "[2, 3]",
+               "OFFLINE_PSEUDO_LABELS.FORMAT", "soft", "OFFLINE_PSEUDO_LABELS.SOFT_TOP_K", "3")
     generate_pseudo_labels(cfg, str(folder), tmp_path / "out", model=ColourTeacher())
     # a pointwise model: windows and mirrored copies give exactly the plain probabilities
     for key, arr in arrays.items():
@@ -287,7 +287,7 @@ def test_register_from_dir_with_source_metadata(tmp_path, images, new_name):
     out = tmp_path / "pl"
     name = new_name("pseudo")
     cfg = pseudo_label_cfg()
-    cfg.DATASETS.PSEUDO_LABELS = [[name, str(out)]]
+    cfg.DATASETS.PSEUDO_LABEL_FOLDERS = [[name, str(out)]]
     with pytest.raises(FileNotFoundError, match="no dataset.json; run tools/generate_pseudo_labels.py"):
         register_from_cfg(cfg)
 
@@ -312,7 +312,7 @@ def test_instance_pseudo_labels_coco_rle(tmp_path, images, new_name):
     DatasetCatalog.register(source, lambda: [{"file_name": str(folder / "img0.png"), "image_id": 7}])
     MetadataCatalog.get(source).set(thing_classes=["car", "person"], thing_dataset_id_to_contiguous_id={3: 0, 5: 1})
     out = tmp_path / "inst"
-    cfg = pseudo_label_cfg("BoxTeacher", "PSEUDO_LABELS.INSTANCE_SCORE_THRESHOLD", "0.5")
+    cfg = pseudo_label_cfg("BoxTeacher", "OFFLINE_PSEUDO_LABELS.INSTANCE_SCORE_THRESHOLD", "0.5")
     report = generate_pseudo_labels(cfg, source, out, model=BoxTeacher())
     assert report["written"] == 1
     coco = json.loads((out / "instances.json").read_text())
@@ -334,5 +334,5 @@ def test_instance_pseudo_labels_coco_rle(tmp_path, images, new_name):
     assert record["annotations"][0]["category_id"] == 1  # contiguous again
     assert MetadataCatalog.get(name).thing_dataset_id_to_contiguous_id == {3: 0, 5: 1}
     with pytest.raises(ValueError, match="semantic teachers only"):
-        cfg = pseudo_label_cfg("BoxTeacher", "PSEUDO_LABELS.TTA.FLIP", "True")
+        cfg = pseudo_label_cfg("BoxTeacher", "OFFLINE_PSEUDO_LABELS.TTA.FLIP", "True")
         generate_pseudo_labels(cfg, source, tmp_path / "x", model=BoxTeacher())

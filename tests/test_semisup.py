@@ -129,7 +129,7 @@ def test_images_without_pseudo_objects_learn_no_object(tmp_path, teacher_weights
     # The reference's behaviour (the default): no pseudo object above the threshold 1.01, yet the queries of
     # the strong views are trained to "no object": loss_ce_unsup = lambda_u x class weight x the mean over
     # queries of -log p(no object), and a gradient step raises p(no object).
-    trainer = SemiSupervisedTrainer(_cfg(tmp_path, "SEMISUP.PSEUDO_LABELS.SCORE_THRESHOLD", "1.01",
+    trainer = SemiSupervisedTrainer(_cfg(tmp_path, "SEMISUP.ONLINE_PSEUDO_LABELS.SCORE_THRESHOLD", "1.01",
                                          "SEMISUP.TEACHER.WEIGHTS", teacher_weights))
     cfg = trainer.cfg
     assert cfg.SEMISUP.EMPTY_PSEUDO_LABELS == "no_object" and cfg.SEMISUP.UNSUP_LOSS_WEIGHT == 2.0
@@ -162,7 +162,7 @@ def test_images_without_pseudo_objects_learn_no_object(tmp_path, teacher_weights
 
 def test_empty_pseudo_labels_give_zero_unsupervised_loss(tmp_path, teacher_weights):
     # The behaviour before issue 24, kept as an option: a batch without any pseudo object adds nothing.
-    trainer = SemiSupervisedTrainer(_cfg(tmp_path, "SEMISUP.PSEUDO_LABELS.SCORE_THRESHOLD", "1.01",
+    trainer = SemiSupervisedTrainer(_cfg(tmp_path, "SEMISUP.ONLINE_PSEUDO_LABELS.SCORE_THRESHOLD", "1.01",
                                          "SEMISUP.TEACHER.WEIGHTS", teacher_weights, "SEMISUP.UNSUP_LOSS_WEIGHT", "2.0",
                                          "SEMISUP.EMPTY_PSEUDO_LABELS", "zero_if_all_empty"))
     trainer.resume_or_load(resume=False)

@@ -210,7 +210,7 @@ def test_default_filter_chain_from_config_gives_targets():
     assert t["masks"].shape == (1, 60, 62) and t["masks"][0, 34:42, 34:42].all()
     rows, cols = t["masks"][0].nonzero().unbind(1)
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (32, 43, 32, 43)  # the 3x3 blob, upsampled x4
-    cfg.SEMISUP.PSEUDO_LABELS.FILTERS = ["drop_no_object", "nope"]
+    cfg.SEMISUP.ONLINE_PSEUDO_LABELS.FILTERS = ["drop_no_object", "nope"]
     with pytest.raises(KeyError, match="unknown filter 'nope'"):
         build_pseudo_filters(cfg)
     assert {"drop_no_object", "class_confidence", "binarize_masks", "min_mask_area", "soft_mask_area",

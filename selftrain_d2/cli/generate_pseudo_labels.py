@@ -3,11 +3,11 @@
     python tools/generate_pseudo_labels.py --config-file TEACHER_CFG --input demo_city_unlabeled_sem_seg \\
         --output output/pseudo MODEL.WEIGHTS output/teacher/model_final.pth
     python tools/generate_pseudo_labels.py --config-file CFG --input /data/frames --output DIR --num-gpus 2 \\
-        MODEL.WEIGHTS W PSEUDO_LABELS.THRESHOLD 0.9 PSEUDO_LABELS.TTA.SCALES "[0.75, 1.0, 1.25]" \\
-        PSEUDO_LABELS.TTA.FLIP True
+        MODEL.WEIGHTS W OFFLINE_PSEUDO_LABELS.THRESHOLD 0.9 OFFLINE_PSEUDO_LABELS.TTA.SCALES "[0.75, 1.0, 1.25]" \\
+        OFFLINE_PSEUDO_LABELS.TTA.FLIP True
 
 A killed run continues where it stopped when started again with the same arguments; a finished one does
-nothing. Register the output for training with ``DATASETS.PSEUDO_LABELS [["NAME", "DIR"]]``.
+nothing. Register the output for training with ``DATASETS.PSEUDO_LABEL_FOLDERS [["NAME", "DIR"]]``.
 """
 import os
 import sys

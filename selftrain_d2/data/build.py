@@ -283,7 +283,7 @@ def _pseudo_dicts(cfg, pseudo_names, filter_empty):
             missing = [d["file_name"] for d in part if "soft_label_file_name" not in d]
             if missing:
                 raise ValueError(f"DATASETS.TRAIN_PSEUDO_SOFT: dataset {name!r} has no soft labels for {len(missing)} "
-                                 f"images (e.g. {missing[0]}); write them with PSEUDO_LABELS.FORMAT soft")
+                                 f"images (e.g. {missing[0]}); write them with OFFLINE_PSEUDO_LABELS.FORMAT soft")
             part = [dict(d, use_soft_label=True) for d in part]
         dicts.extend(part)
     return dicts

@@ -22,7 +22,7 @@ def add_data_config(cfg):
     cfg.DATASETS.IMAGE_FOLDERS = []
 
     # Output folders of tools/generate_pseudo_labels.py registered as training datasets: [[NAME, DIR], ...].
-    cfg.DATASETS.PSEUDO_LABELS = []
+    cfg.DATASETS.PSEUDO_LABEL_FOLDERS = []
     # COCO-format instance datasets (Detectron2's register_coco_instances): [[NAME, JSON_FILE, IMAGE_ROOT], ...].
     cfg.DATASETS.COCO_INSTANCES = []
     # Image + label-map folders: [[NAME, IMAGE_DIR, LABEL_DIR, CLASSES(, IGNORE_LABEL)]]; CLASSES a list or .txt file.
@@ -49,7 +49,7 @@ def add_data_config(cfg):
     # epoch is 0.5 (1.5K of 3K) + PSEUDO_RATIO x as many pseudo samples; its duplicate-real baseline at ratio x
     # keeps 0.5 with REAL_REPEAT 1 + x and no pseudo labels (the same epoch length). 1.0: every real image.
     cfg.DATALOADER.REAL_FRACTION = 1.0
-    # Pseudo-labelled datasets of DATASETS.TRAIN_PSEUDO trained on their soft labels (PSEUDO_LABELS.FORMAT soft:
+    # Pseudo-labelled datasets of DATASETS.TRAIN_PSEUDO trained on their soft labels (OFFLINE_PSEUDO_LABELS.FORMAT soft:
     # the teacher's top-k probabilities, soft cross-entropy); the others train on their hard labels.
     cfg.DATASETS.TRAIN_PSEUDO_SOFT = ()
     # Soft labels: pixels whose stored top-k probability mass is below this are ignored (besides those the hard

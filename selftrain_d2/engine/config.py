@@ -53,7 +53,7 @@ def add_engine_config(cfg):
     ss.TEACHER.WEIGHTS = ""
     # Config of that teacher when its architecture differs from the student's ("" = the student's config).
     ss.TEACHER.CONFIG = ""
-    pl = ss.PSEUDO_LABELS = CN()
+    pl = ss.ONLINE_PSEUDO_LABELS = CN()
     # "instance": per-object masks from the teacher's queries; "semantic": per-pixel class labels.
     pl.TARGETS = "instance"
     # Filters applied in order to each image's queries (selftrain_d2.teacher.filters.PSEUDO_FILTER_REGISTRY).

@@ -1,5 +1,5 @@
 """Offline pseudo labels: generation (sharded, resumable), the folder it writes, class balance and test-time
-augmentation. Importing it lets DATASETS.PSEUDO_LABELS register pseudo-label folders."""
+augmentation. Importing it lets DATASETS.PSEUDO_LABEL_FOLDERS register pseudo-label folders."""
 from . import config as _config  # noqa: F401  (registers this subsystem's config keys)
 from .folder import PseudoLabelFolder, load_pseudo_label_dataset, register_pseudo_label_dataset
 from .generate import generate_pseudo_labels, register_teacher_output, scores_to_probabilities, teacher_output

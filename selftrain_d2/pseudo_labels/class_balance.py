@@ -33,7 +33,7 @@ def label_class_shares(records, num_classes, ignore_label):
         if path is None:
             raise ValueError(
                 f"class-balanced pseudo labels need the labelled set's class shares, but image "
-                f"{record.get('file_name')} has no sem_seg_file_name; set PSEUDO_LABELS.CLASS_BALANCE.SHARES"
+                f"{record.get('file_name')} has no sem_seg_file_name; set OFFLINE_PSEUDO_LABELS.CLASS_BALANCE.SHARES"
             )
         label = read_sem_seg(path, num_classes, ignore_label).astype(np.int64).ravel()
         label = label[label != ignore_label]

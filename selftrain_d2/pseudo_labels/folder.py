@@ -1,6 +1,6 @@
 """The folder :func:`~selftrain_d2.pseudo_labels.generate_pseudo_labels` writes, as one class that knows its
 files and reads them: for the writer, the recipe's stages and report, the benchmarks, and the registration of
-``DATASETS.PSEUDO_LABELS`` entries as training datasets.
+``DATASETS.PSEUDO_LABEL_FOLDERS`` entries as training datasets.
 
 Layout (the generator's module docstring says what each holds)::
 
@@ -121,4 +121,4 @@ def register_pseudo_label_dataset(name, folder):
     return PseudoLabelFolder(folder).register(name)
 
 
-register_dataset_kind("PSEUDO_LABELS", register_pseudo_label_dataset)
+register_dataset_kind("PSEUDO_LABEL_FOLDERS", register_pseudo_label_dataset)

@@ -5,13 +5,13 @@ Output folder layout::
     meta.json            task, classes, ignore label, the settings used and the teacher (written first;
                          a resumed run must use the same settings)
     labels/KEY.png       semantic hard labels (train ids, ignore where the confidence is under the threshold)
-    confidence/KEY.png   top class probability as round(p * 255) (PSEUDO_LABELS.SAVE_CONFIDENCE)
-    soft/KEY.npz         top-k class probabilities (PSEUDO_LABELS.FORMAT "soft")
+    confidence/KEY.png   top class probability as round(p * 255) (OFFLINE_PSEUDO_LABELS.SAVE_CONFIDENCE)
+    soft/KEY.npz         top-k class probabilities (OFFLINE_PSEUDO_LABELS.FORMAT "soft")
     instances/KEY.json   instance predictions of one image (COCO annotations with RLE masks and scores)
     progress/rankR.jsonl one line per finished image, appended by rank R in batches (see below)
     report.json          images, written, already_done, skipped [{file, error}], seconds (of the whole call),
                          images_per_s (images written / seconds spent labelling, slowest rank)
-    dataset.json         Detectron2 dataset dicts of the labelled images (registered by DATASETS.PSEUDO_LABELS)
+    dataset.json         Detectron2 dataset dicts of the labelled images (registered by DATASETS.PSEUDO_LABEL_FOLDERS)
     instances.json       COCO-format predictions of all images (instance task)
 
 KEY is :func:`selftrain_d2.data.records.image_key` of the input record. Each rank takes the inputs whose index
@@ -341,34 +341,34 @@ def _check_settings(root, meta):
 # ---------------------------------------------------------------------------------------------------- labelling
 
 def _settings(cfg, task):
-    pl = cfg.PSEUDO_LABELS
+    pl = cfg.OFFLINE_PSEUDO_LABELS
     if pl.FORMAT not in ("hard", "soft"):
-        raise ValueError(f"PSEUDO_LABELS.FORMAT must be 'hard' or 'soft', got {pl.FORMAT!r}")
+        raise ValueError(f"OFFLINE_PSEUDO_LABELS.FORMAT must be 'hard' or 'soft', got {pl.FORMAT!r}")
     if not 0.0 <= pl.THRESHOLD <= 1.0:
-        raise ValueError(f"PSEUDO_LABELS.THRESHOLD must lie in [0, 1], got {pl.THRESHOLD}")
+        raise ValueError(f"OFFLINE_PSEUDO_LABELS.THRESHOLD must lie in [0, 1], got {pl.THRESHOLD}")
     if pl.SOFT_TOP_K < 1:
-        raise ValueError(f"PSEUDO_LABELS.SOFT_TOP_K must be >= 1, got {pl.SOFT_TOP_K}")
+        raise ValueError(f"OFFLINE_PSEUDO_LABELS.SOFT_TOP_K must be >= 1, got {pl.SOFT_TOP_K}")
     scales = [float(s) for s in pl.TTA.SCALES]
     if not scales or min(scales) <= 0:
-        raise ValueError(f"PSEUDO_LABELS.TTA.SCALES must be a non-empty list of positive scales, got {pl.TTA.SCALES}")
+        raise ValueError(f"OFFLINE_PSEUDO_LABELS.TTA.SCALES must be a non-empty list of positive scales, got {pl.TTA.SCALES}")
     sw = pl.SLIDING_WINDOW
     if sw.ENABLED and (len(sw.SIZE) != 2 or len(sw.STRIDE) != 2 or min(list(sw.SIZE) + list(sw.STRIDE)) < 1
                        or any(st > si for st, si in zip(sw.STRIDE, sw.SIZE))):
         raise ValueError(
-            f"PSEUDO_LABELS.SLIDING_WINDOW.SIZE {list(sw.SIZE)} and STRIDE {list(sw.STRIDE)} must be (height, width) "
+            f"OFFLINE_PSEUDO_LABELS.SLIDING_WINDOW.SIZE {list(sw.SIZE)} and STRIDE {list(sw.STRIDE)} must be (height, width) "
             "pairs of positive sizes, each stride at most the window size"
         )
     cb = pl.CLASS_BALANCE
     if task == "instance" and (scales != [1.0] or pl.TTA.FLIP or sw.ENABLED or cb.ENABLED):
         raise ValueError(
-            "PSEUDO_LABELS.TTA, PSEUDO_LABELS.SLIDING_WINDOW and PSEUDO_LABELS.CLASS_BALANCE apply to semantic "
+            "OFFLINE_PSEUDO_LABELS.TTA, OFFLINE_PSEUDO_LABELS.SLIDING_WINDOW and OFFLINE_PSEUDO_LABELS.CLASS_BALANCE apply to semantic "
             f"teachers only; {cfg.MODEL.META_ARCHITECTURE} predicts instances"
         )
     num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     if cb.ENABLED and (cb.SAMPLE_IMAGES < 1 or cb.SAMPLE_PIXELS < 1
                        or (len(cb.SHARES) and (len(cb.SHARES) != num_classes or min(cb.SHARES) < 0))):
         raise ValueError(
-            f"PSEUDO_LABELS.CLASS_BALANCE: SAMPLE_IMAGES ({cb.SAMPLE_IMAGES}) and SAMPLE_PIXELS ({cb.SAMPLE_PIXELS}) "
+            f"OFFLINE_PSEUDO_LABELS.CLASS_BALANCE: SAMPLE_IMAGES ({cb.SAMPLE_IMAGES}) and SAMPLE_PIXELS ({cb.SAMPLE_PIXELS}) "
             f"must be positive and SHARES empty or {num_classes} non-negative numbers, got {list(cb.SHARES)}"
         )
     settings = {"task": task, "format": pl.FORMAT, "save_confidence": bool(pl.SAVE_CONFIDENCE)}
@@ -409,11 +409,11 @@ def semantic_probabilities(model, image, out_size, cfg, scores):
         out = model([{"image": x, "height": x.shape[-2], "width": x.shape[-1]}])[0]["sem_seg"]
         return scores_to_probabilities(out, scores)
 
-    sw = cfg.PSEUDO_LABELS.SLIDING_WINDOW
+    sw = cfg.OFFLINE_PSEUDO_LABELS.SLIDING_WINDOW
     # Padding with the pixel mean becomes 0 after the model's normalisation, like Detectron2's batch padding.
     pad = list(cfg.MODEL.PIXEL_MEAN)
     run = (lambda x: sliding_window(predict, x, sw.SIZE, sw.STRIDE, pad)) if sw.ENABLED else predict
-    tta = cfg.PSEUDO_LABELS.TTA
+    tta = cfg.OFFLINE_PSEUDO_LABELS.TTA
     return multi_scale_flip(run, image, tta.SCALES, tta.FLIP, out_size=out_size)
 
 
@@ -477,7 +477,7 @@ def _class_offsets(cfg, root, keyed, model, scores, num_classes, ignore_label):
         meta = json.load(f)
     if "class_balance" in meta:
         return np.asarray(meta["class_balance"]["offsets"], dtype=np.float64)
-    cb = cfg.PSEUDO_LABELS.CLASS_BALANCE
+    cb = cfg.OFFLINE_PSEUDO_LABELS.CLASS_BALANCE
     if len(cb.SHARES):
         target = np.asarray(cb.SHARES, dtype=np.float64)
     else:

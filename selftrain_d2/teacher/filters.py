@@ -1,7 +1,7 @@
 """Pseudo labels from a teacher's raw per-query predictions: pure functions, chosen by name.
 
 One image's queries become :class:`Candidates` (class probabilities with the no-object column,
-mask logits); a chain of registered filters, named in ``SEMISUP.PSEUDO_LABELS.FILTERS``, drops or
+mask logits); a chain of registered filters, named in ``SEMISUP.ONLINE_PSEUDO_LABELS.FILTERS``, drops or
 scores them, and :func:`instance_pseudo_labels` returns what is left as training targets. A filter
 is ``fn(candidates, **params) -> candidates``; its ``params`` come from the config through the
 ``from_config`` given at registration::
@@ -102,7 +102,7 @@ def candidates_from_queries(pred_logits, pred_masks, pad_size, image_size):
 
 
 def _pseudo_cfg(cfg):
-    return cfg.SEMISUP.PSEUDO_LABELS
+    return cfg.SEMISUP.ONLINE_PSEUDO_LABELS
 
 
 @register_pseudo_filter("drop_no_object")
@@ -124,7 +124,7 @@ def class_confidence(c, *, threshold=0.7, class_thresholds=()):
     if class_thresholds:
         if len(class_thresholds) != c.num_classes:
             raise ValueError(
-                f"SEMISUP.PSEUDO_LABELS.CLASS_THRESHOLDS has {len(class_thresholds)} values; the model has "
+                f"SEMISUP.ONLINE_PSEUDO_LABELS.CLASS_THRESHOLDS has {len(class_thresholds)} values; the model has "
                 f"{c.num_classes} classes (one threshold per class, or [] to use SCORE_THRESHOLD for all)"
             )
         per_label = torch.as_tensor(class_thresholds, dtype=c.scores.dtype, device=c.scores.device)[c.labels]
@@ -161,7 +161,7 @@ def soft_mask_area(c, *, min_area=5.0):
 def _need_masks(c, name):
     if c.masks is None:
         raise ValueError(f"pseudo-label filter {name!r} needs binary masks: put 'binarize_masks' before it in "
-                         "SEMISUP.PSEUDO_LABELS.FILTERS")
+                         "SEMISUP.ONLINE_PSEUDO_LABELS.FILTERS")
 
 
 @register_pseudo_filter("min_mask_area", from_config=lambda cfg: {"min_area": _pseudo_cfg(cfg).MIN_MASK_AREA})
@@ -184,11 +184,11 @@ def mask_quality(c, *, threshold=0.0):
 
 
 def build_pseudo_filters(cfg):
-    """``[(fn, params)]`` for the names in ``SEMISUP.PSEUDO_LABELS.FILTERS``, in order."""
+    """``[(fn, params)]`` for the names in ``SEMISUP.ONLINE_PSEUDO_LABELS.FILTERS``, in order."""
     steps = []
     for name in _pseudo_cfg(cfg).FILTERS:
         if name not in PSEUDO_FILTER_REGISTRY:
-            raise KeyError(f"SEMISUP.PSEUDO_LABELS.FILTERS: unknown filter {name!r}; registered: "
+            raise KeyError(f"SEMISUP.ONLINE_PSEUDO_LABELS.FILTERS: unknown filter {name!r}; registered: "
                            f"{sorted(k for k, _ in PSEUDO_FILTER_REGISTRY)}")
         fn = PSEUDO_FILTER_REGISTRY.get(name)
         steps.append((fn, dict(fn.from_config(cfg))))
@@ -224,12 +224,12 @@ def semantic_pseudo_labels(pred_logits, pred_masks, pad_size, image_size, *, thr
 
 class PseudoLabeler:
     """A batch of raw teacher outputs -> one target per image: ``{"labels", "masks", "scores"}``
-    (``SEMISUP.PSEUDO_LABELS.TARGETS`` "instance") or an int64 label map ("semantic")."""
+    (``SEMISUP.ONLINE_PSEUDO_LABELS.TARGETS`` "instance") or an int64 label map ("semantic")."""
 
     @configurable
     def __init__(self, *, targets, steps, semantic_threshold=0.7, ignore_label=255):
         if targets not in ("instance", "semantic"):
-            raise ValueError(f"SEMISUP.PSEUDO_LABELS.TARGETS must be 'instance' or 'semantic', got {targets!r}")
+            raise ValueError(f"SEMISUP.ONLINE_PSEUDO_LABELS.TARGETS must be 'instance' or 'semantic', got {targets!r}")
         self.targets = targets
         self.steps = steps
         self.semantic_threshold = semantic_threshold

@@ -2,7 +2,7 @@
 
 Added purely by registration (importing this package is enough):
 
-- the pseudo-label filter "top_k_per_image" (PSEUDO_FILTER_REGISTRY), listed in SEMISUP.PSEUDO_LABELS.FILTERS;
+- the pseudo-label filter "top_k_per_image" (PSEUDO_FILTER_REGISTRY), listed in SEMISUP.ONLINE_PSEUDO_LABELS.FILTERS;
 - the hook :class:`UnsupWeightRamp`, which raises lambda_u linearly from 0 to SEMISUP.UNSUP_LOSS_WEIGHT over
   PROJECTS.RAMPED_GD.RAMP_ITERS iterations (a pure function of the iteration, so resuming is exact);
 - the trainer "RampedGuidedDistillationTrainer" (TRAINER_REGISTRY), chosen with SELFTRAIN.TRAINER.

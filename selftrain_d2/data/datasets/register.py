@@ -3,7 +3,7 @@
 ``register_from_cfg(cfg)`` is called by every entry point in every process after the config is merged
 (``setup()``: training, evaluation, pseudo labels, recipe stages, sweep trials, DDP workers), so that all
 of them know the same datasets. It imports ``SELFTRAIN.IMPORTS`` first, then registers, in this order:
-``IMAGE_FOLDERS``, ``COCO_INSTANCES``, ``SEM_SEG``, ``PSEUDO_LABELS``, ``SEM_SEG_FROM_COCO``, ``SPLITS``,
+``IMAGE_FOLDERS``, ``COCO_INSTANCES``, ``SEM_SEG``, ``PSEUDO_LABEL_FOLDERS``, ``SEM_SEG_FROM_COCO``, ``SPLITS``,
 ``HELDOUT``; an entry may name a dataset of an earlier key (or a builtin, or one an import registered).
 """
 import importlib
@@ -94,7 +94,7 @@ DATASET_KEYS = {
     "IMAGE_FOLDERS": (("NAME", "FOLDER"), (), (1,)),
     "COCO_INSTANCES": (("NAME", "JSON_FILE", "IMAGE_ROOT"), (), (1, 2)),
     "SEM_SEG": (("NAME", "IMAGE_DIR", "LABEL_DIR", "CLASSES"), ("IGNORE_LABEL",), (1, 2, 3)),
-    "PSEUDO_LABELS": (("NAME", "DIR"), (), (1,)),
+    "PSEUDO_LABEL_FOLDERS": (("NAME", "DIR"), (), (1,)),
     "SEM_SEG_FROM_COCO": (("NAME", "COCO_DATASET"), ("LABEL_DIR",), (2,)),
     "SPLITS": (("NEW_NAME", "BASE_DATASET", "SPLIT_FILE"), (), (2,)),
     "HELDOUT": (("DATASET", "LABELS"), (), (1,)),
@@ -211,7 +211,7 @@ def _check_ignore_label(cfg, entry, index):
         )
 
 
-# DATASETS keys whose entries a layer above this one registers: "PSEUDO_LABELS" (pseudo-label folders, by
+# DATASETS keys whose entries a layer above this one registers: "PSEUDO_LABEL_FOLDERS" (pseudo-label folders, by
 # selftrain_d2.pseudo_labels, which the package imports).
 _KIND_REGISTRARS = {}
 
@@ -254,8 +254,8 @@ def register_from_cfg(cfg):
     for i, entry in enumerate(entries["SEM_SEG"]):
         names.append(register_sem_seg_folder(*entry, where=f"cfg.DATASETS.SEM_SEG[{i}]"))
         _check_ignore_label(cfg, entry, i)
-    for name, folder in entries["PSEUDO_LABELS"]:
-        names.append(_kind_registrar("PSEUDO_LABELS")(name, folder))
+    for name, folder in entries["PSEUDO_LABEL_FOLDERS"]:
+        names.append(_kind_registrar("PSEUDO_LABEL_FOLDERS")(name, folder))
     for entry in entries["SEM_SEG_FROM_COCO"]:
         names.append(register_sem_seg_from_coco(*entry))
     for new_name, base_name, split_file in entries["SPLITS"]:

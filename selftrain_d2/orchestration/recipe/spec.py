@@ -199,7 +199,7 @@ def _parse_data(raw, path):
 
     base = os.path.dirname(os.path.abspath(path)) if path and not path.startswith("<") else os.getcwd()
     block, data_base, where = raw.get("datasets") or {}, base, f"{path}: datasets"
-    allowed = [k for k in DATASET_KEYS if k != "PSEUDO_LABELS"]  # pseudo labels come from the stages
+    allowed = [k for k in DATASET_KEYS if k != "PSEUDO_LABEL_FOLDERS"]  # pseudo labels come from the stages
     if isinstance(block, str):  # a file holding the mapping, shared by several recipes
         data_file = os.path.join(base, os.path.expanduser(block))
         if not os.path.isfile(data_file):

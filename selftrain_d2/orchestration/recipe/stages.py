@@ -235,7 +235,7 @@ class TrainStage(Stage):
             opts += ["MODEL.WEIGHTS", ctx.result(o["init"], "weights")]
         pseudo = [(ctx.result(s, "dataset"), ctx.result(s, "dir")) for s in _as_list(o.get("pseudo_labels"))]
         if pseudo:
-            opts += ["DATASETS.PSEUDO_LABELS", repr([list(p) for p in pseudo])]
+            opts += ["DATASETS.PSEUDO_LABEL_FOLDERS", repr([list(p) for p in pseudo])]
             opts += ["DATASETS.TRAIN_PSEUDO", repr(tuple(name for name, _ in pseudo))]
         soft = [ctx.result(s, "dataset") for s in _as_list(o.get("soft_labels"))]
         if soft:
