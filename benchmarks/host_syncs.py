@@ -8,7 +8,7 @@ Counts the calls of ``Tensor.item``, ``.tolist``, ``.cpu``, ``.numpy`` and ``boo
 one waits for the queued work. Prints the total, the count per kind and the places (file:line) that make
 them. Defaults: the COCO R50 Mask2Former config, 2 random 256x256 images with 8 instances each
 (benchmarks/model_speed.py's batch), 10 decoder layers as configured. Never asserted by tests (a test in
-tests/test_meta_device.py holds the budget).
+tests/modeling/test_meta_device.py holds the budget).
 """
 import argparse
 import collections

@@ -1,6 +1,6 @@
 """COCO mask / box AP through a compiled COCOeval: the ``faster-coco-eval`` package (pinned in
 requirements/base.txt), with pycocotools' pure-Python COCOeval as the fallback where it is not importable. Both
-give the same AP figures (tests/test_coco_eval.py); ``benchmarks/coco_eval_speed.py`` times them.
+give the same AP figures (tests/evaluation/test_coco_eval.py); ``benchmarks/coco_eval_speed.py`` times them.
 
 Detectron2's own fast COCOeval needs its compiled ``detectron2._C``, which does not load with current torch.
 """
