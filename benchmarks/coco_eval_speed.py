@@ -24,9 +24,7 @@ import time
 
 import numpy as np
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import bench_utils  # noqa: F401  (this checkout's package first on sys.path)
 
 
 def _mask(rng, height, width):

@@ -17,73 +17,16 @@ cost per pixel relative to the largest crop), or with --json one JSON list, one 
 loading is left out: the mapper's cost is per image, the same total for every schedule. Never asserted by
 tests.
 """
-import argparse
-import json
 import os
 import statistics
-import sys
 import time
 
 import torch
+from bench_utils import parse_args, print_table, random_batch, schedule_config, schedule_shapes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from selftrain_d2.config import load_config  # noqa: E402
-from selftrain_d2.data.crop_schedules import EpochTable  # noqa: E402
 from selftrain_d2.engine import Trainer  # noqa: E402
 from selftrain_d2.modeling import build_model  # noqa: E402
 from selftrain_d2.utils.onednn import set_primitive_cache_capacity  # noqa: E402
-
-
-def schedule_shapes(cfg):
-    """The distinct (crop, batch) pairs of INPUT.CROP_SCHEDULE's scales, smallest crop first: one
-    coarse2fine+ cycle of the trainer's own EpochTable, one epoch per scale."""
-    cs = cfg.INPUT.CROP_SCHEDULE
-    table = EpochTable(schedule="coarse2fine+", scales=cs.SCALES, full_crop=tuple(cfg.INPUT.CROP.SIZE),
-                       full_batch=cfg.SOLVER.IMS_PER_BATCH, max_batch=cs.MAX_BATCH, epoch_size=1,
-                       num_epochs=len(cs.SCALES), size_divisibility=cs.SIZE_DIVISIBILITY)
-    return list(dict.fromkeys((e.crop, e.batch) for e in table.entries))
-
-
-def random_batch(crop, batch, num_classes, generator):
-    return [{"image": torch.randint(0, 256, (3, *crop), dtype=torch.uint8, generator=generator),
-             "sem_seg": torch.randint(0, num_classes, crop, generator=generator)} for _ in range(batch)]
-
-
-def parse_args(description, steps):
-    """The arguments of the benchmarks that time a schedule's shapes (this one and dilated_conv.py)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file",
-                        default=os.path.join(ROOT, "configs", "demo", "deeplabv3plus-effnetlite0.yaml"))
-    parser.add_argument("--scales", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
-    parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=steps, help="timed steps per shape (and variant) and round")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    return parser.parse_args()
-
-
-def schedule_config(args):
-    """``--config-file`` with the global-pool head (as benchmarks/fast_schedules.py trains it), no weights file,
-    the schedule's scales and batch cap, and the KEY VALUE overrides."""
-    return load_config(args.config_file, [
-        "MODEL.SEM_SEG_HEAD.NAME", "DeepLabV3PlusGlobalPoolHead", "MODEL.WEIGHTS", "",
-        "INPUT.CROP_SCHEDULE.SCALES", repr(args.scales), "INPUT.CROP_SCHEDULE.MAX_BATCH", str(args.max_batch),
-        *args.opts])
-
-
-def print_table(rows, title, columns, as_json):
-    """``rows`` as one JSON list, or a title line and a table of ``columns``: (header, row key or row -> text)."""
-    if as_json:
-        print(json.dumps(rows))
-        return
-    cells = [(h, f if callable(f) else (lambda r, k=f: str(r[k]))) for h, f in columns]
-    print(title)
-    print("| " + " | ".join(h for h, _ in cells) + " |")
-    print("|" + "---|" * len(cells))
-    for row in rows:
-        print("| " + " | ".join(f(row) for _, f in cells) + " |")
 
 
 def main():

@@ -21,15 +21,12 @@ in one process, so that load from other processes affects both alike.
 """
 import argparse
 import importlib
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model_speed import benchmark_config, build_optimizer, training_batch  # noqa: E402
+from bench_utils import benchmark_config, build_optimizer, training_batch  # noqa: E402
 
 from selftrain_d2.modeling.pixel_decoder.msdeformattn import MSDeformAttnEncoderLayer, encoder_reference_points
 

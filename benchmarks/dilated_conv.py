@@ -12,18 +12,13 @@ and checks that outputs and input gradients agree. Prints a table (crop, batch, 
 without skipping, speed-up, largest output difference) or with --json one JSON list. Never asserted by tests.
 """
 import copy
-import os
 import statistics
-import sys
 import time
 
 import torch
 from detectron2.layers import Conv2d
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from crop_step_cost import parse_args, print_table, schedule_config, schedule_shapes  # noqa: E402
+from bench_utils import parse_args, print_table, schedule_config, schedule_shapes  # noqa: E402
 from selftrain_d2.modeling import build_model  # noqa: E402
 from selftrain_d2.modeling.dilated_conv import PaddingFreeConv2d  # noqa: E402
 

@@ -13,15 +13,12 @@ tests/modeling/test_meta_device.py holds the budget).
 import argparse
 import collections
 import os
-import sys
 import traceback
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model_speed import benchmark_config, training_batch  # noqa: E402
+from bench_utils import ROOT, benchmark_config, training_batch  # first: puts this checkout's package on sys.path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READS = ("item", "tolist", "cpu", "numpy", "__bool__")
 
 

@@ -26,17 +26,13 @@ Everything in fp32 on the model's device, with torch's default threads. Never as
 import argparse
 import json
 import math
-import os
-import sys
 import time
 from collections import defaultdict
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model_speed import (  # noqa: E402
+from bench_utils import (  # noqa: E402
     benchmark_config, build_optimizer, forward_flops, matmul_peak_gflops, training_batch,
 )
 

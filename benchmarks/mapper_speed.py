@@ -16,17 +16,13 @@ import argparse
 import os
 import random
 import statistics
-import sys
 import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from bench_utils import ROOT, print_table  # first: puts this checkout's package on sys.path
 from detectron2.data import DatasetCatalog  # noqa: E402
 
-from crop_step_cost import print_table  # noqa: E402
 from selftrain_d2.config import load_config  # noqa: E402
 from selftrain_d2.data import build_mapper  # noqa: E402
 from selftrain_d2.data.datasets import register_from_cfg  # noqa: E402

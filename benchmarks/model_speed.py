@@ -31,130 +31,14 @@ random images stand for the training crops. Never asserted by tests.
 """
 import argparse
 import json
-import logging
-import math
 import os
 import sys
 import time
-import warnings
-from collections import Counter
 
 import torch
+from bench_utils import benchmark_config, build_optimizer, forward_flops, matmul_peak_gflops, sync, training_batch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from detectron2.structures import BitMasks, Instances  # noqa: E402
-
-from selftrain_d2.config import load_config  # noqa: E402
-from selftrain_d2.engine import Trainer  # noqa: E402
 from selftrain_d2.modeling import build_model  # noqa: E402
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak_gflops(n=2048, repeats=10, device="cpu"):
-    """Best fp32 torch.mm throughput of ``repeats`` n x n products, in GFLOP/s (2 n^3 FLOPs each)."""
-    device = torch.device(device)
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    out = torch.empty(n, n, device=device)
-    torch.mm(a, b, out=out)
-    best = math.inf
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
-
-
-def random_instances(size, num_classes, count, generator):
-    """``count`` random rectangles (at least size/8 a side) with random classes, as the mappers give them."""
-    masks = torch.zeros(count, size, size, dtype=torch.bool)
-    lo = max(size // 8, 1)
-    for i in range(count):
-        h, w = (int(v) for v in torch.randint(lo, size // 2 + 1, (2,), generator=generator))
-        y, x = (int(v) for v in torch.randint(0, size - lo + 1, (2,), generator=generator))
-        masks[i, y:y + h, x:x + w] = True
-    instances = Instances((size, size))
-    instances.gt_classes = torch.randint(0, num_classes, (count,), generator=generator)
-    instances.gt_masks = masks
-    instances.gt_boxes = BitMasks(masks).get_bounding_boxes()
-    return instances
-
-
-def training_batch(cfg, size, batch, num_instances, generator):
-    num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
-    semantic_only = cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor"
-    inputs = []
-    for _ in range(batch):
-        record = {"image": torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator),
-                  "height": size, "width": size}
-        if semantic_only:
-            record["sem_seg"] = torch.randint(0, num_classes, (size, size), generator=generator)
-        else:
-            instances = random_instances(size, num_classes, num_instances, generator)
-            sem_seg = torch.full((size, size), cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE, dtype=torch.long)
-            for cls, mask in zip(instances.gt_classes, instances.gt_masks):
-                sem_seg[mask] = cls
-            record.update(instances=instances, sem_seg=sem_seg)
-        inputs.append(record)
-    return inputs
-
-
-def build_optimizer(cfg, model):
-    """The optimizer training would use: the Trainer's own build_optimizer where it has one; otherwise
-    the reference Mask2Former recipe (selftrain_d2.solver) for MaskFormer and Detectron2's for the rest."""
-    if "build_optimizer" not in vars(Trainer) and cfg.MODEL.META_ARCHITECTURE == "MaskFormer":
-        try:
-            from selftrain_d2.solver import build_optimizer as build_mask_former_optimizer
-        except ImportError:
-            pass
-        else:
-            return build_mask_former_optimizer(cfg, model)
-    return Trainer.build_optimizer(cfg, model)
-
-
-def _sdpa_flop(inputs, outputs):
-    from fvcore.nn.jit_handles import get_shape
-
-    q, k, v = (get_shape(x) for x in inputs[:3])
-    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
-
-
-def _baddbmm_flop(inputs, outputs):
-    from fvcore.nn.jit_handles import get_shape
-
-    b, n, k = get_shape(inputs[1])
-    return b * n * k * get_shape(inputs[2])[-1]
-
-
-def forward_flops(model, inputs):
-    """(multiply-adds of one eval forward, {uncounted operator: occurrences})."""
-    from detectron2.utils.analysis import FlopCountAnalysis
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about data-dependent control flow
-        logging.getLogger("fvcore").setLevel(logging.ERROR)
-        counter = FlopCountAnalysis(model, inputs)
-        counter.set_op_handle(**{"aten::scaled_dot_product_attention": _sdpa_flop, "aten::baddbmm": _baddbmm_flop})
-        counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-        with torch.no_grad():
-            total = counter.total()
-        return total, dict(Counter(counter.unsupported_ops()).most_common())
-
-
-def benchmark_config(config_file, size, opts):
-    """The frozen config of a speed benchmark: no weights, on the CPU, then the KEY VALUE ``opts``; an
-    absolute INPUT.CROP.SIZE becomes (size, size) unless given."""
-    cfg = load_config(config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"] + list(opts))
-    if cfg.INPUT.CROP.TYPE == "absolute" and "INPUT.CROP.SIZE" not in list(opts)[::2]:
-        # The random images are the training crops: DeepLab's ASPP sizes its image pooling from this.
-        cfg.INPUT.CROP.SIZE = (size, size)
-    cfg.freeze()
-    return cfg
 
 
 def main():
@@ -195,10 +79,10 @@ def main():
         train_step(batches[i % 2])
     step_times = []
     for i in range(args.iters):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         train_step(batches[i % 2])
-        _sync(device)
+        sync(device)
         step_times.append(time.perf_counter() - start)
     train_s = sum(step_times) / len(step_times)
 
@@ -209,11 +93,11 @@ def main():
     with torch.no_grad():
         for _ in range(args.warmup):
             model(infer_input)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(infer_iters):
             model(infer_input)
-        _sync(device)
+        sync(device)
     infer_s = (time.perf_counter() - start) / infer_iters
     # The peak again, the better of the two kept: other processes may have shared the cores at one time.
     peak = max(peak, matmul_peak_gflops(args.peak_n, device=device))
@@ -241,7 +125,7 @@ def main():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
             train_step(batches[0])
-            _sync(device)
+            sync(device)
         sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort_by, row_limit=25), file=sys.stderr)
 

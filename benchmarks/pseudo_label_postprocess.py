@@ -22,7 +22,6 @@ byte-identical, soft labels' indices and probabilities equal. Never asserted by 
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -30,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pseudo_label_baseline import BASELINE_COMMIT, load_baseline  # noqa: E402
 
+import bench_utils  # noqa: E402,F401  (first: puts this checkout's package on sys.path)
 from selftrain_d2.pseudo_labels import storage  # noqa: E402
 
 THRESHOLD = 0.9

@@ -27,8 +27,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from bench_utils import ROOT  # this checkout's package first on sys.path
 
 
 def _make_folder(folder, n):
@@ -54,7 +53,6 @@ def _child(args):
     from selftrain_d2.pseudo_labels import PseudoLabelFolder, generate_pseudo_labels
 
     if args.child_variant == "baseline":
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from pseudo_label_baseline import load_baseline
 
         generate_pseudo_labels = load_baseline().generate.generate_pseudo_labels

@@ -19,12 +19,11 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_utils  # noqa: E402,F401  (first: puts this checkout's package on sys.path)
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from selftrain_d2.config import load_config  # noqa: E402
@@ -33,7 +32,7 @@ from selftrain_d2.engine import SemiSupervisedTrainer  # noqa: E402
 from selftrain_d2.teacher import copy_weights_, ema_update_  # noqa: E402
 
 
-def _sync(device):
+def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -43,10 +42,10 @@ def _median_time(fn, device, iters, warmup):
         fn()
     times = []
     for _ in range(iters):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -9,13 +9,11 @@ batch of SOLVER.IMS_PER_BATCH), and images_per_s. Never asserted by tests.
 """
 import argparse
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_utils  # noqa: E402,F401  (first: puts this checkout's package on sys.path)
 from detectron2.data import DatasetCatalog  # noqa: E402
 
 from selftrain_d2.config import load_config  # noqa: E402
