@@ -24,7 +24,9 @@ import time
 
 import numpy as np
 import torch
-import bench_utils  # noqa: F401  (this checkout's package first on sys.path)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 
 def _mask(rng, height, width):
