@@ -4,10 +4,14 @@ A command is a module of ``selftrain_d2.cli`` run as ``python -m``, in a child w
 the folder this package was imported from, so parent and child run the same code whether the package is
 installed, installed in editable mode, or taken from a checkout through ``PYTHONPATH``.
 """
+import json
 import os
 import sys
 
-__all__ = ["command", "command_env", "resolve_path"]
+__all__ = ["FINAL_METRICS", "command", "command_env", "metric_value", "read_metrics", "resolve_path"]
+
+# What a train_net run writes into its OUTPUT_DIR after the final evaluation (engine.trainer.write_results).
+FINAL_METRICS = "final_metrics.json"
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,3 +38,23 @@ def resolve_path(path, relative_to=None):
         if os.path.exists(candidate):
             return os.path.abspath(candidate)
     return os.path.abspath(path)
+
+
+def read_metrics(folder, name=FINAL_METRICS):
+    """The evaluation results a command wrote into ``folder`` (``{"sem_seg": {"mIoU": ..}, ..}``), or None when
+    the file is missing or cut short."""
+    try:
+        with open(os.path.join(folder, name)) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def metric_value(metrics, path):
+    """The number at ``path`` ("sem_seg/mIoU") of ``metrics``; a KeyError names the path and the keys there."""
+    value = metrics
+    for part in path.split("/"):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(f"metric {path!r} not in the results (keys: {sorted(metrics or {})})")
+        value = value[part]
+    return float(value)

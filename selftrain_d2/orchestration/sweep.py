@@ -74,7 +74,9 @@ import warnings
 
 import yaml
 
-from selftrain_d2.orchestration.commands import command, command_env, resolve_path
+from selftrain_d2.orchestration.commands import (
+    FINAL_METRICS, command, command_env, metric_value, read_metrics, resolve_path,
+)
 from selftrain_d2.utils import io as files
 
 HOST = socket.gethostname()
@@ -180,12 +182,10 @@ def param_key(params):
 # One trial
 # ------------------------------------------------------------------------------------------------------
 def _read_metric(metrics, path):
-    value = metrics
-    for part in path.split("/"):
-        if not isinstance(value, dict) or part not in value:
-            raise TrialFailed(f"metric {path!r} not in final_metrics.json (keys: {sorted(metrics)})")
-        value = value[part]
-    return float(value)
+    try:
+        return metric_value(metrics, path)
+    except KeyError as e:
+        raise TrialFailed(f"{e.args[0]} of final_metrics.json") from None
 
 
 def _mean_std(values):
@@ -198,7 +198,7 @@ def run_trial(config_file, overrides, output_dir, num_gpus=1, resume=None, num_m
     """Train and evaluate one configuration with the ``train_net`` command in a subprocess; returns the parsed
     ``final_metrics.json``. ``resume`` None: resume when ``output_dir`` has a last checkpoint. A machine of
     rank > 0 runs its part of a multi-machine training, whose metrics rank 0 writes, and returns None."""
-    final = os.path.join(output_dir, "final_metrics.json")
+    final = os.path.join(output_dir, FINAL_METRICS)
     if not os.path.isfile(final):
         os.makedirs(output_dir, exist_ok=True)
         if resume is None:
@@ -217,8 +217,10 @@ def run_trial(config_file, overrides, output_dir, num_gpus=1, resume=None, num_m
             raise TrialFailed(f"training failed (exit code {rc}); see {log_path}")
     if machine_rank > 0:
         return None
-    with open(final) as f:
-        return json.load(f)
+    metrics = read_metrics(output_dir)
+    if metrics is None:
+        raise TrialFailed(f"{final} is not readable JSON")
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -450,7 +452,7 @@ class Sweep:
         overrides += [] if seed is None else ["SEED", seed]
         resume = os.path.isfile(os.path.join(out, "last_checkpoint"))
         dist = {"num_machines": self.num_machines, "machine_rank": 0, "dist_url": self.dist_url}
-        shared = self.num_machines > 1 and not os.path.isfile(os.path.join(out, "final_metrics.json"))
+        shared = self.num_machines > 1 and not os.path.isfile(os.path.join(out, FINAL_METRICS))
         if shared:
             # What the other machines need to start their part of this training (join): the folder relative to
             # --output, as each machine has its own (the same one where --output is on a shared disk).

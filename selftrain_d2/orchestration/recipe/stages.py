@@ -16,14 +16,13 @@ process of it lives.
 import contextlib
 import contextvars
 import ctypes
-import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 
-from ..commands import command, command_env, resolve_path
+from ..commands import command, command_env, read_metrics, resolve_path
 from ...pseudo_labels.folder import PseudoLabelFolder
 from ...utils.registry import NamedRegistry
 from ...utils.safe_load import weights_file_problem
@@ -79,13 +78,6 @@ def _as_list(value):
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _read_json(path):
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -277,7 +269,7 @@ class TrainStage(Stage):
             "dir": out_dir,
             "config": config if os.path.isfile(config) else None,
             "weights": weights if os.path.isfile(weights) else None,
-            "metrics": _read_json(os.path.join(out_dir, "final_metrics.json")),
+            "metrics": read_metrics(out_dir),
             "classes": _training_classes(config) if os.path.isfile(config) else None,
         }
 
@@ -318,7 +310,7 @@ class EvaluateStage(Stage):
         _run(cmd, f"stage {self.spec.name!r} (evaluate)")
 
     def collect(self, out_dir):
-        return {"dir": out_dir, "metrics": _read_json(os.path.join(out_dir, "eval_metrics.json"))}
+        return {"dir": out_dir, "metrics": read_metrics(out_dir, "eval_metrics.json")}
 
 
 @STAGE_REGISTRY.register("pseudo_labels")
