@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..data.image_io import read_sem_seg
+from ..evaluation.label_statistics import class_pixel_counts
 
 __all__ = ["label_class_shares", "sample_pixels", "argmax_shares", "fit_class_offsets", "apply_class_offsets"]
 
@@ -35,9 +36,7 @@ def label_class_shares(records, num_classes, ignore_label):
                 f"class-balanced pseudo labels need the labelled set's class shares, but image "
                 f"{record.get('file_name')} has no sem_seg_file_name; set OFFLINE_PSEUDO_LABELS.CLASS_BALANCE.SHARES"
             )
-        label = read_sem_seg(path, num_classes, ignore_label).astype(np.int64).ravel()
-        label = label[label != ignore_label]
-        counts += np.bincount(label, minlength=num_classes)
+        counts += class_pixel_counts(read_sem_seg(path, num_classes, ignore_label), num_classes, ignore_label)
     if counts.sum() == 0:
         raise ValueError("the labelled set holds no labelled pixel: no class shares to balance the pseudo labels to")
     return counts / counts.sum()
