@@ -33,7 +33,9 @@ from bench_utils import ROOT  # this checkout's package first on sys.path
 def _make_folder(folder, n):
     from detectron2.data import DatasetCatalog
 
-    import selftrain_d2  # noqa: F401  (registers the demo datasets)
+    import selftrain_d2
+
+    selftrain_d2.register_all()  # the demo datasets
 
     sources = [r["file_name"] for r in DatasetCatalog.get("demo_city_unlabeled_sem_seg")]
     os.makedirs(folder, exist_ok=True)

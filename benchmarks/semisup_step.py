@@ -66,7 +66,7 @@ def main():
     cfg.freeze()
     trainer = SemiSupervisedTrainer(cfg)
     trainer.resume_or_load(resume=False)
-    step, teacher = trainer._trainer, trainer.teacher
+    step, teacher = trainer.train_step, trainer.teacher
     model, optimizer, decay = step.model, step.optimizer, cfg.SEMISUP.EMA_DECAY
     copy_weights_(teacher.model, model)  # what the schedule hook does when the EMA stage starts
     device = next(model.parameters()).device

@@ -1,13 +1,28 @@
 """selftrain-d2: label-efficient segmentation on Detectron2.
 
-Importing the package registers every component (backbones, meta-architectures, mappers, datasets,
-evaluators, trainers) with Detectron2's registries, and each subsystem's config keys (its config.py).
+``import selftrain_d2`` is light (it reads the version; torch and Detectron2 are not imported). The components
+(backbones, meta-architectures, mappers, datasets, evaluators, trainers) and every subsystem's config keys are
+registered with Detectron2's registries when a config is built (:func:`add_selftrain_config`,
+``selftrain_d2.config.load_config``), when a subsystem is imported (``selftrain_d2.modeling`` ...), or by
+:func:`register_all`.
 """
-from . import data, evaluation, modeling, solver  # noqa: F401  (registration on import, config keys too)
-from . import distill  # noqa: F401,E402  (KD losses and the Distiller; after modeling)
-from . import pseudo_labels  # noqa: F401,E402  (DATASETS.PSEUDO_LABEL_FOLDERS folders)
-from . import engine  # noqa: F401,E402  (trainers, SEMISUP keys)
-from .config import add_selftrain_config
 from .version import __version__
 
-__all__ = ["__version__", "add_selftrain_config"]
+__all__ = ["__version__", "add_selftrain_config", "register_all"]
+
+
+def register_all():
+    """Import every subsystem, registering all components and config keys (what a config build does too)."""
+    from .config import register_all as register
+
+    register()
+
+
+def __getattr__(name):
+    # `from selftrain_d2 import add_selftrain_config` (the Detectron2 projects' idiom) imports the config module
+    # only when asked; calling it registers everything.
+    if name == "add_selftrain_config":
+        from .config import add_selftrain_config
+
+        return add_selftrain_config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

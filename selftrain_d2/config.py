@@ -1,6 +1,7 @@
 """The config: add_selftrain_config composes the keys every subsystem adds in its own config.py (its
 add_<x>_config, registered here on import), and load_config reads a YAML with clear errors."""
 import difflib
+import importlib
 import logging
 import os
 
@@ -10,8 +11,8 @@ from detectron2.projects.deeplab import add_deeplab_config
 
 from .utils.safe_yaml import load_yaml_file
 
-__all__ = ["RENAMED_KEYS", "SelftrainCfgNode", "add_selftrain_config", "get_selftrain_cfg", "load_config",
-           "register_config"]
+__all__ = ["RENAMED_KEYS", "SUBSYSTEMS", "SelftrainCfgNode", "add_selftrain_config", "get_selftrain_cfg",
+           "load_config", "register_all", "register_config"]
 
 # Old key (or node) -> its name now. Configs and KEY VALUE options that use an old name still merge, with a
 # warning. The three pseudo-label keys say which idea they hold: generating labels offline, registering
@@ -82,8 +83,10 @@ class SelftrainCfgNode(CN):
         return super().merge_from_list(cfg_list)
 
 
-# The add_<x>_config of each subsystem (its config.py), in import order: selftrain_d2/__init__.py imports every
-# subsystem, so all are registered before any config is built.
+# The subsystems, in the order their keys are added. Each registers its components (with Detectron2's registries)
+# and its add_<x>_config when imported; add_selftrain_config imports them by name, so every config has every key
+# although this module imports nothing above it, and `import selftrain_d2` alone stays light.
+SUBSYSTEMS = ("data", "evaluation", "modeling", "solver", "distill", "pseudo_labels", "engine")
 _CONFIG_ADDERS = []
 
 
@@ -94,11 +97,24 @@ def register_config(add):
     return add
 
 
+def register_all():
+    """Import every subsystem of :data:`SUBSYSTEMS`: all components and config keys are then registered."""
+    for name in SUBSYSTEMS:
+        importlib.import_module(f"{__package__}.{name}")
+
+
+def _adders():
+    order = {f"{__package__}.{name}": i for i, name in enumerate(SUBSYSTEMS)}
+    return sorted(_CONFIG_ADDERS, key=lambda add: order.get(add.__module__.rsplit(".", 1)[0], len(order)))
+
+
 def add_selftrain_config(cfg):
     """Add selftrain-d2's keys to a Detectron2 config in place (idempotent): DeepLab's, the method-level
-    SELFTRAIN keys, then every subsystem's ``add_<x>_config`` (registered with :func:`register_config`)."""
+    SELFTRAIN keys, then every subsystem's ``add_<x>_config`` (registered with :func:`register_config`). Imports
+    the subsystems first (:func:`register_all`), so their components are registered too."""
     if "SELFTRAIN" in cfg:
         return cfg
+    register_all()
     # DeepLab's keys (poly LR, OHEM loss, ASPP): the DeepLabV3+ baseline and Mask2Former configs use them.
     add_deeplab_config(cfg)
 
@@ -112,7 +128,7 @@ def add_selftrain_config(cfg):
     cfg.SELFTRAIN.TRAINER = "Trainer"
     # Python modules (names or .py files) imported in every process before datasets are registered.
     cfg.SELFTRAIN.IMPORTS = []
-    for add in _CONFIG_ADDERS:
+    for add in _adders():
         add(cfg)
     return cfg
 

@@ -5,13 +5,15 @@ import pytest
 import yaml
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY
 
-import selftrain_d2  # noqa: F401  (registers everything)
+import selftrain_d2
 from selftrain_d2.config import get_selftrain_cfg, load_config
 from selftrain_d2.data import MAPPER_REGISTRY
 from selftrain_d2.evaluation import EVALUATOR_BUILDERS
 from selftrain_d2.orchestration.recipe import load_recipe
 
 from .conftest import DEMO_CONFIG, ROOT
+
+selftrain_d2.register_all()  # every component and config key, for the registry loops below
 
 ALL_YAML = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 

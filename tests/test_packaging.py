@@ -64,3 +64,27 @@ def test_licence_is_apache_2_in_the_file_and_the_metadata():
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     source = open(os.path.join(ROOT, "setup.py")).read()
     assert 'license="Apache-2.0"' in source and 'license_files=["LICENSE"]' in source
+
+
+def _fresh(code):
+    """``code``'s printed lines in a new interpreter with this checkout's package first on the path."""
+    env = command_env(dict(os.environ))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+def test_importing_the_package_is_light_and_any_config_has_every_subsystems_keys():
+    # `import selftrain_d2` (and the version, and the sweep's orchestration) import neither torch nor Detectron2.
+    assert _fresh("import sys, selftrain_d2, selftrain_d2.version, selftrain_d2.orchestration.sweep; "
+                  "print(sorted(m for m in ('torch', 'detectron2') if m in sys.modules))") == ["[]"]
+    # A config built where only the config layer was imported still has every subsystem's keys, added in
+    # SUBSYSTEMS order (the same YAML as after register_all), and the components are registered.
+    lazy, eager = (_fresh(
+        f"{first}; from selftrain_d2.config import get_selftrain_cfg; import hashlib; "
+        "from detectron2.modeling import META_ARCH_REGISTRY as R; "
+        "print(hashlib.md5(get_selftrain_cfg().dump().encode()).hexdigest(), 'MaskFormer' in R, "
+        "'SEMISUP' in get_selftrain_cfg(), 'OFFLINE_PSEUDO_LABELS' in get_selftrain_cfg())")
+        for first in ("import selftrain_d2.config", "import selftrain_d2.engine, selftrain_d2; selftrain_d2.register_all()"))
+    assert lazy == eager and lazy[1:] == ["True", "True", "True"]
+    assert _fresh("from selftrain_d2 import add_selftrain_config; from detectron2.config import get_cfg; "
+                  "print(add_selftrain_config(get_cfg()).DISTILL.TEACHER.WEIGHTS == '')") == ["True"]

@@ -69,8 +69,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    # Importing the package registers its datasets (demo scenes, checked COCO / Cityscapes).
-    import selftrain_d2  # noqa: F401
+    # The package's datasets (demo scenes, checked COCO / Cityscapes) are registered with its subsystems.
+    from selftrain_d2 import register_all
+
+    register_all()
     from detectron2.data import DatasetCatalog
 
     from selftrain_d2.data.datasets.checked_builtin import add_path_checks

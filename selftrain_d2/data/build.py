@@ -24,7 +24,7 @@ from .mappers import build_mapper
 from .samplers import MixedPlan, PermutationPlan, mix_seed, plan_stream
 
 __all__ = [
-    "SeededTrainStream", "build_train_loader", "build_test_loader", "build_sample_plan", "build_epoch_table", "mix_seed",
+    "SeededTrainStream", "TrainLoader", "build_train_loader", "build_test_loader", "build_sample_plan", "build_epoch_table", "mix_seed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -133,6 +133,36 @@ class SeededTrainStream(torchdata.IterableDataset):
             if len(bucket) == self.batch_size:
                 yield bucket[:]
                 bucket.clear()
+
+
+class TrainLoader(torchdata.DataLoader):
+    """The DataLoader of a :class:`SeededTrainStream` (ready batches: no collation), and what a trainer asks of
+    it: the records it draws from, the crop schedule's table, and where the next iterator starts."""
+
+    def __init__(self, stream, num_workers, seed):
+        if not isinstance(stream, SeededTrainStream):
+            raise TypeError(f"TrainLoader needs a SeededTrainStream, got {type(stream).__name__}")
+        super().__init__(
+            stream, batch_size=None, num_workers=num_workers, collate_fn=None, persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+            # Its own generator: creating an iterator must not draw from torch's global RNG, which
+            # StepSeeder has just seeded for the step in which a resumed run creates it.
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    @property
+    def records(self):
+        """The dataset dicts the stream draws from (real, then pseudo-labelled)."""
+        return self.dataset.dataset
+
+    @property
+    def crop_table(self):
+        """The crop schedule's :class:`EpochTable`, or None without INPUT.CROP_SCHEDULE."""
+        return self.dataset.table
+
+    def set_start_iter(self, iteration, seed=None):
+        """The next iterator starts at training iteration ``iteration`` (with ``seed``, when given)."""
+        self.dataset.set_start_iter(iteration, seed=seed)
 
 
 def _per_rank_batch(total, world_size):
@@ -317,13 +347,7 @@ def build_train_loader(cfg, mapper=None, dataset_names=None, seed=None):
         rank=comm.get_rank(), world_size=world, skip_unreadable=cfg.DATALOADER.SKIP_UNREADABLE,
         aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING and table is None, plan=plan, table=table,
     )
-    return torchdata.DataLoader(
-        stream, batch_size=None, num_workers=cfg.DATALOADER.NUM_WORKERS,
-        collate_fn=None, persistent_workers=False, pin_memory=torch.cuda.is_available(),
-        # Its own generator: creating an iterator must not draw from torch's global RNG, which
-        # StepSeeder has just seeded for the step in which a resumed run creates it.
-        generator=torch.Generator().manual_seed(seed),
-    )
+    return TrainLoader(stream, cfg.DATALOADER.NUM_WORKERS, seed)
 
 
 def build_test_loader(cfg, dataset_name, mapper=None):

@@ -20,14 +20,13 @@ import logging
 
 import numpy as np
 import torch
-import torch.utils.data as torchdata
 from detectron2.data import get_detection_dataset_dicts
 from detectron2.engine import HookBase, hooks
 from detectron2.structures import Instances
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from ..data.build import SeededTrainStream, mix_seed
+from ..data.build import SeededTrainStream, TrainLoader, mix_seed
 from ..data.mappers import MAPPER_REGISTRY
 from ..modeling import build_model
 from ..solver import build_gradient_clipper
@@ -74,11 +73,7 @@ def build_unlabeled_loader(cfg, seed):
         dicts, mapper, ss.UNLABELED_IMS_PER_BATCH // world, seed=mix_seed(seed, ss.UNLABELED_SEED_OFFSET),
         rank=comm.get_rank(), world_size=world, skip_unreadable=cfg.DATALOADER.SKIP_UNREADABLE,
     )
-    return torchdata.DataLoader(
-        stream, batch_size=None, num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=None,
-        persistent_workers=False, pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator().manual_seed(seed),
-    )
+    return TrainLoader(stream, cfg.DATALOADER.NUM_WORKERS, seed)
 
 
 class TeacherSchedule(HookBase):
@@ -144,14 +139,14 @@ class SemiSupervisedStep(TrainStep):
     def reset_unlabeled(self, seed=None):
         """Forget the unlabeled iterator (the next draw starts at the batch its iteration asks for)."""
         if seed is not None:
-            self.unlabeled_loader.dataset.seed = seed
+            self.unlabeled_loader.set_start_iter(0, seed=seed)
         self._unlabeled_iter = self._unlabeled_next = None
 
     def _unlabeled_batch(self, iteration):
         # Batch k = iteration // period, whatever ran before: plain burn-in skips batches, resume starts late.
         index = iteration // self.unlabeled_period
         if self._unlabeled_iter is None or self._unlabeled_next != index:
-            self.unlabeled_loader.dataset.set_start_iter(index)
+            self.unlabeled_loader.set_start_iter(index)
             self._unlabeled_iter = iter(self.unlabeled_loader)
         batch = next(self._unlabeled_iter)
         self._unlabeled_next = index + 1
@@ -290,7 +285,7 @@ class SemiSupervisedTrainer(Trainer):
         # The burn-in teacher's weights first: a checkpoint of this run, when resuming, then replaces them.
         self._load_guide()
         super().resume_or_load(resume=resume)
-        self._trainer.reset_unlabeled(seed=mix_seed(self.run_seed, self.cfg.SEMISUP.UNLABELED_SEED_OFFSET))
+        self.train_step.reset_unlabeled(seed=mix_seed(self.run_seed, self.cfg.SEMISUP.UNLABELED_SEED_OFFSET))
 
     def _test_and_save_results(self):
         self._last_eval_results = evaluate_student_teacher(type(self), self.cfg, self.model, self.teacher.model)

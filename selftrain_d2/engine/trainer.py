@@ -18,7 +18,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-from ..data.build import SeededTrainStream, build_test_loader, build_train_loader
+from ..data.build import TrainLoader, build_test_loader, build_train_loader
 from ..evaluation import build_evaluator
 from ..evaluation.label_statistics import log_training_set
 from ..modeling import apply_memory_format
@@ -39,8 +39,14 @@ def write_results(output_dir, results, name="final_metrics.json"):
 
 
 class Trainer(DefaultTrainer):
+    """Detectron2's DefaultTrainer (its hooks, ``train``, ``test``, checkpoint resume) built by our own
+    constructor: DefaultTrainer's wraps DDP with Detectron2's ``create_ddp_model``, whose ``device_ids``
+    CPU processes reject, and builds a SimpleTrainer / AMPTrainer that :meth:`build_train_step` replaces.
+    Each part comes from an overridable builder (``build_model``, ``build_optimizer``, ``build_train_loader``,
+    ``build_train_step``, ``build_lr_scheduler``, ``build_hooks``), and the attributes DefaultTrainer's
+    methods read are the same."""
+
     def __init__(self, cfg):
-        # DefaultTrainer.__init__ with one change: DDP built by wrap_ddp (CPU-capable).
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
@@ -51,12 +57,13 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg, seed=self.run_seed)
-        records = getattr(getattr(data_loader, "dataset", None), "dataset", None)
-        if comm.is_main_process() and isinstance(records, list):
-            log_training_set(cfg, records)  # size and class shares: a class without labels shows here
+        # A loader of another kind (an overridden build_train_loader) has no crop schedule and no records to log.
+        ours = isinstance(data_loader, TrainLoader)
+        if ours and comm.is_main_process():
+            log_training_set(cfg, data_loader.records)  # size and class shares: a class without labels shows here
         # A crop-size schedule fixes the iteration count: the images of the constant schedule, in
         # batches that grow as the crop shrinks.
-        self.crop_table = getattr(getattr(data_loader, "dataset", None), "table", None)
+        self.crop_table = data_loader.crop_table if ours else None
         if self.crop_table is not None and self.crop_table.max_iter != cfg.SOLVER.MAX_ITER:
             logging.getLogger(__name__).info(
                 f"INPUT.CROP_SCHEDULE: SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER} -> {self.crop_table.max_iter}")
@@ -108,9 +115,8 @@ class Trainer(DefaultTrainer):
         seeder = next((h for h in self._hooks if isinstance(h, StepSeeder)), None)
         if seeder is not None:
             self.run_seed = seeder.seed
-        stream = self.data_loader.dataset
-        if isinstance(stream, SeededTrainStream):
-            stream.set_start_iter(self.start_iter, seed=self.run_seed)
+        if isinstance(self.data_loader, TrainLoader):
+            self.data_loader.set_start_iter(self.start_iter, seed=self.run_seed)
 
     def train(self):
         super().train()

@@ -335,7 +335,7 @@ def test_loader_mixes_real_and_pseudo_and_crops_at_centroids(tmp_path, new_name,
 
     # Resuming at iteration 5 repeats the batches; so does a loader with 2 worker processes.
     loader = build_train_loader(cfg)
-    loader.dataset.set_start_iter(5)
+    loader.set_start_iter(5)
     assert _summary(_take(loader, 3)) == _summary(batches[5:8])
     workers = build_train_loader(_loader_cfg(
         real, pseudo, "DATALOADER.PSEUDO_RATIO", "3.0", "DATALOADER.CENTROID_SAMPLING.ENABLED", "True",

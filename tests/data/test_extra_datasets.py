@@ -217,8 +217,9 @@ def test_kitti_label_ids_to_train_ids_and_evaluator(tmp_path, prefix):
 
 
 def test_builtin_names_registered_lazily():
-    import selftrain_d2  # noqa: F401
+    import selftrain_d2
 
+    selftrain_d2.register_all()
     expected = {
         "mapillary_vistas_sem_seg_train": 65, "mapillary_vistas_sem_seg_val": 65,
         "bdd100k_sem_seg_train": 19, "bdd100k_sem_seg_val": 19,

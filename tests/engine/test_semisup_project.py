@@ -56,4 +56,4 @@ def test_project_trainer_ramps_lambda_u(ramped_gd, tmp_path, teacher_weights):  
     trainer = build_trainer_class(cfg)(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
-    assert trainer._trainer.unsup_weight == pytest.approx(1.0)  # iteration 1 of a 4-iteration ramp to 2.0
+    assert trainer.train_step.unsup_weight == pytest.approx(1.0)  # iteration 1 of a 4-iteration ramp to 2.0

@@ -14,7 +14,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, SEM_SEG_H
 from detectron2.structures import BitMasks, Instances
 from torch import nn
 
-import selftrain_d2  # noqa: F401  (registers everything)
+import selftrain_d2
 from selftrain_d2.config import load_config
 from selftrain_d2.data import MAPPER_REGISTRY, build_mapper
 from selftrain_d2.data.image_io import read_sem_seg
@@ -33,6 +33,8 @@ from selftrain_d2.modeling.transformer_decoder import TRANSFORMER_DECODER_REGIST
 from selftrain_d2.solver import build_optimizer
 
 from ..conftest import ROOT
+
+selftrain_d2.register_all()  # every component and config key, for the registry loops below
 
 REFERENCE = os.path.join(ROOT, "tests", "assets", "reference")
 MASK_FORMER_CONFIGS = sorted(

@@ -19,11 +19,13 @@ from detectron2.modeling import build_sem_seg_head
 from detectron2.structures import BitMasks, Instances
 from torch import nn
 
-import selftrain_d2  # noqa: F401  (registers everything)
+import selftrain_d2
 from selftrain_d2.config import load_config
 from selftrain_d2.modeling import build_model
 
 from ..conftest import ROOT
+
+selftrain_d2.register_all()  # every component and config key, for the registry loops below
 
 COCO_INSTANCE = os.path.join(ROOT, "configs", "coco", "instance-segmentation", "maskformer2_R50_bs16_50ep.yaml")
 CITYSCAPES = os.path.join(ROOT, "configs", "cityscapes", "semantic-segmentation")

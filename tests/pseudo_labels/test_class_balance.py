@@ -1,5 +1,7 @@
 """Class-balanced pseudo labels: the offset fit, its application, the labelled shares and the generator."""
 import json
+import socket
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from PIL import Image
 
 from selftrain_d2.pseudo_labels import class_balance, generate_pseudo_labels, load_hard_label
 
-from ..helpers import ColourTeacher, colour_probs, pseudo_label_cfg
+from ..helpers import ColourTeacher, colour_probs, pseudo_label_cfg, run_together
 
 
 def _under_predicting_teacher(n=30000, seed=0):
@@ -127,3 +129,32 @@ def test_class_balance_refused_for_instance_teachers(tmp_path, images):
     cfg = pseudo_label_cfg("BoxTeacher", "OFFLINE_PSEUDO_LABELS.CLASS_BALANCE.ENABLED", "True")
     with pytest.raises(ValueError, match="CLASS_BALANCE apply to semantic teachers only"):
         generate_pseudo_labels(cfg, str(folder), tmp_path / "out")
+
+
+def test_two_machines_fit_the_offsets_of_one_process(tmp_path, images):
+    """Across ranks every rank predicts part of the sample, the pixels are gathered and each rank fits the same
+    offsets: two "machines" on loopback (the command, gloo) write the labels and meta.json one process writes."""
+    folder, arrays = images
+    opts = ["OFFLINE_PSEUDO_LABELS.CLASS_BALANCE.ENABLED", "True", "OFFLINE_PSEUDO_LABELS.CLASS_BALANCE.SHARES",
+            "[0.2, 0.2, 0.6]", "OFFLINE_PSEUDO_LABELS.CLASS_BALANCE.SAMPLE_PIXELS", "60"]
+    generate_pseudo_labels(pseudo_label_cfg("ColourTeacher", *opts), str(folder), tmp_path / "one", model=ColourTeacher())
+
+    weights = tmp_path / "colour.pth"
+    torch.save({"model": ColourTeacher().state_dict()}, weights)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    config = tmp_path / "colour.yaml"  # the fake teacher's config (pseudo_label_cfg's settings)
+    config.write_text("SELFTRAIN: {IMPORTS: [tests.helpers]}\nMODEL: {META_ARCHITECTURE: ColourTeacher, DEVICE: cpu, "
+                      "SEM_SEG_HEAD: {NUM_CLASSES: 3}}\nINPUT: {FORMAT: RGB, MIN_SIZE_TEST: 0}\n")
+    command = [sys.executable, "-m", "selftrain_d2.cli.generate_pseudo_labels", "--num-machines", "2",
+               "--dist-url", url, "--config-file", str(config), "--input", str(folder), "--output",
+               str(tmp_path / "two"), "MODEL.WEIGHTS", str(weights), *opts]
+    codes, logs, _ = run_together([command[:3] + ["--machine-rank", str(r)] + command[3:] for r in (0, 1)], 240)
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    one, two = (json.loads((tmp_path / d / "meta.json").read_text())["class_balance"] for d in ("one", "two"))
+    assert two["sampled_pixels"] == one["sampled_pixels"] == 5 * 60
+    np.testing.assert_allclose(two["offsets"], one["offsets"], atol=1e-9)
+    for key in arrays:
+        np.testing.assert_array_equal(load_hard_label(tmp_path / "two" / "labels" / f"{key}.png"),
+                                      load_hard_label(tmp_path / "one" / "labels" / f"{key}.png"))

@@ -224,8 +224,8 @@ def register_dataset_kind(key, register):
 
 def _kind_registrar(key):
     if key not in _KIND_REGISTRARS:
-        raise RuntimeError(f"cfg.DATASETS.{key}: no registrar for these datasets; import selftrain_d2 (the package "
-                           "registers them on import)")
+        raise RuntimeError(f"cfg.DATASETS.{key}: no registrar for these datasets; call "
+                           "selftrain_d2.register_all() (building a config with load_config does)")
     return _KIND_REGISTRARS[key]
 
 
